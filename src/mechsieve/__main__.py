@@ -1,0 +1,3 @@
+from mechsieve.cli import main
+
+raise SystemExit(main())

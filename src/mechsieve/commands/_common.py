@@ -1,0 +1,98 @@
+"""Flags shared by commands, and turning parsed arguments into a typed config."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mechsieve.config import ConfigError, load_config
+from mechsieve.data.formats import RecordError
+from mechsieve.data.readers import DataError
+from mechsieve.models.loading import ModelError
+from mechsieve.store.artefacts import SettingsMismatch
+
+T = TypeVar("T")
+USER_ERRORS = (ConfigError, DataError, RecordError, ModelError, SettingsMismatch, FileNotFoundError)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML file with settings (sections as in the config dataclass)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting, e.g. --set capture.max_tokens=8192 (repeatable)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model folder, hub id, or smollm2-135m-instruct (default)")
+    parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
+
+
+def add_data_flags(parser: argparse.ArgumentParser, flag: str = "--pool", key: str = "data") -> None:
+    dest = flag.lstrip("-").replace("-", "_")
+    parser.add_argument(flag, dest=dest, help="data file (.jsonl .json .parquet .csv), saved dataset folder or hub id")
+    parser.add_argument("--format", dest=f"{dest}_format",
+                        help="auto (default), alpaca, messages, prompt_completion, question_answer, text, mapping")
+    parser.add_argument("--field-map", dest=f"{dest}_field_map", metavar="KEY=COL,...",
+                        help="columns for format=mapping, e.g. prompt=text,response=code")
+    parser.add_argument("--skip-invalid", dest=f"{dest}_skip_invalid", action="store_true",
+                        help="skip malformed records (counted and reported) instead of stopping")
+    parser.add_argument("--limit", dest=f"{dest}_limit", type=int, help="read at most this many records")
+
+
+def parse_field_map(text: str) -> dict[str, str]:
+    out = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise ConfigError(f"--field-map {text!r}: expected KEY=COL pairs separated by commas")
+        key, col = part.split("=", 1)
+        out[key.strip()] = col.strip()
+    return out
+
+
+def data_flags(args: argparse.Namespace, flag: str = "pool", key: str = "data") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if getattr(args, flag, None):
+        out[f"{key}.path"] = getattr(args, flag)
+    if getattr(args, f"{flag}_format", None):
+        out[f"{key}.format"] = getattr(args, f"{flag}_format")
+    if getattr(args, f"{flag}_field_map", None):
+        out[f"{key}.field_map"] = parse_field_map(getattr(args, f"{flag}_field_map"))
+    if getattr(args, f"{flag}_skip_invalid", False):
+        out[f"{key}.skip_invalid"] = True
+    if getattr(args, f"{flag}_limit", None):
+        out[f"{key}.limit"] = getattr(args, f"{flag}_limit")
+    return out
+
+
+def model_flags(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if getattr(args, "model", None):
+        out["model.name"] = args.model
+    if getattr(args, "device", None):
+        out["model.device"] = args.device
+    return out
+
+
+def build_config(cls: type[T], args: argparse.Namespace, flags: dict[str, Any]) -> T:
+    return load_config(cls, getattr(args, "config", None), getattr(args, "overrides", []),
+                       {k: v for k, v in flags.items() if v is not None})
+
+
+def int_list(text: str) -> list[int] | str:
+    if text.strip() == "all":
+        return "all"
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise ConfigError(f"--layers {text!r}: expected 'all' or integers like 0,5,-1") from err
+
+
+def print_outputs(paths: dict[str, Path | str]) -> None:
+    """Every command ends by saying where its outputs went."""
+    print("outputs:")
+    width = max(len(k) for k in paths)
+    for key, path in paths.items():
+        print(f"  {key.ljust(width)}  {path}")

@@ -1,0 +1,77 @@
+"""`mechsieve capture`: activations of a pool, reduced per example, saved resumably."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mechsieve.commands._common import (add_config_flags, add_data_flags, add_model_flags, build_config,
+                                        data_flags, int_list, model_flags, print_outputs)
+
+NAME = "capture"
+HELP = "capture per-example activations (residual stream or MLP neurons) of a pool"
+
+
+@dataclass
+class CaptureCommand:
+    """Settings of `mechsieve capture`."""
+
+    from mechsieve.capture.activations import CaptureConfig
+    from mechsieve.data.readers import DataConfig
+    from mechsieve.data.render import RenderConfig
+    from mechsieve.models.loading import ModelConfig
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    out: str = "runs/capture"
+    """Output folder: activations.safetensors + activations.json (chunks while running)."""
+    overwrite: bool = False
+    """Recompute even if the folder holds a finished or partial capture (else: reuse / resume)."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_flags(p)
+    add_data_flags(p)
+    p.add_argument("--out", help="output folder (default runs/capture)")
+    p.add_argument("--layers", help="'all' or comma-separated block indices, e.g. 0,15,-1")
+    p.add_argument("--site", choices=["resid", "mlp"], help="residual stream (default) or MLP neurons")
+    p.add_argument("--reductions", help="comma-separated: last_prompt,mean_response,mean_prompt,mean_all,last,drift")
+    p.add_argument("--max-len", type=int, help="longest rendered example (tokens); longer ones are cut and counted")
+    p.add_argument("--max-tokens", type=int, help="token budget of one batch")
+    p.add_argument("--overwrite", action="store_true", help="recompute from scratch")
+    add_config_flags(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mechsieve.capture.activations import capture_pool
+    from mechsieve.data.readers import read_pool
+    from mechsieve.models.loading import load_model
+
+    flags = {**model_flags(args), **data_flags(args), "out": args.out,
+             "capture.layers": int_list(args.layers) if args.layers else None,
+             "capture.site": args.site,
+             "capture.reductions": args.reductions.split(",") if args.reductions else None,
+             "render.max_len": args.max_len, "capture.max_tokens": args.max_tokens,
+             "overwrite": True if args.overwrite else None}
+    cfg = build_config(CaptureCommand, args, flags)
+    pool = read_pool(cfg.data)
+    if pool.skipped:
+        print(f"skipped {len(pool.skipped)} invalid record(s); first: {pool.skipped[0]}")
+    loaded = load_model(cfg.model)
+    result, report = capture_pool(loaded, pool, cfg.capture, cfg.render, out_dir=cfg.out,
+                                  overwrite=cfg.overwrite, progress=not args.quiet)
+    s = result.summary()
+    print(f"read {len(pool)} examples ({pool.format}) from {pool.path}; {report['render']}")
+    if report.get("cached"):
+        print("a finished capture with the same settings was already there: reused it")
+    else:
+        print(f"captured {s['reductions']} at {len(s['layers'])} layer(s), d={s['d']}: "
+              f"{s['tokens']} tokens in {s['seconds']} s ({s['tokens_per_s']} tok/s), "
+              f"padding efficiency {s['padding_efficiency']}"
+              + (f", {s['resumed_examples']} examples resumed from chunks" if s["resumed_examples"] else ""))
+    print_outputs({"activations": Path(cfg.out) / "activations.safetensors",
+                   "settings": Path(cfg.out) / "activations.json"})
+    return 0

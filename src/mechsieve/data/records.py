@@ -1,0 +1,90 @@
+"""The one record every stage passes around: `Example`, and the pool that holds them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Example:
+    """One fine-tuning example.
+
+    `prompt` is a list of chat messages (`{"role", "content"}`) that come before the response; a
+    multi-turn chat keeps its earlier assistant turns here (rendering can train on them too).
+    `response` is the final assistant answer (may be empty for prompt-only records).
+    `meta` carries anything else of the source record; `meta["row"]` is its position in the file.
+    """
+
+    id: str
+    source: str
+    prompt: list[dict[str, str]]
+    response: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def content_hash(self) -> str:
+        return content_hash(self.prompt, self.response)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "source": self.source, "prompt": self.prompt,
+                "response": self.response, "meta": self.meta}
+
+
+def content_hash(prompt: list[dict[str, str]], response: str) -> str:
+    """Stable 16-hex id of the content: the same prompt and response give the same id anywhere."""
+    blob = json.dumps({"prompt": prompt, "response": response}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class Pool:
+    """Examples read from one place, with how they were read (so a subset can be written back)."""
+
+    examples: list[Example]
+    path: str
+    container: str  # jsonl | json | parquet | csv | disk | hub | memory
+    format: str  # alpaca | messages | prompt_completion | question_answer | text | mapping
+    skipped: list[str] = field(default_factory=list)  # "file:line: why" of records skipped
+    duplicate_ids: int = 0
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __iter__(self):
+        return iter(self.examples)
+
+    def fingerprint(self) -> str:
+        """Hash of the pool's content (ids, prompts, responses), independent of the file's bytes."""
+        h = hashlib.sha256()
+        for ex in self.examples:
+            h.update(json.dumps([ex.id, ex.source, ex.prompt, ex.response], ensure_ascii=False).encode())
+            h.update(b"\n")
+        return h.hexdigest()[:16]
+
+    def counts_by_source(self) -> dict[str, int]:
+        return dict(Counter(ex.source for ex in self.examples))
+
+    def subset(self, ids: list[str] | set[str]) -> Pool:
+        keep = set(ids)
+        return Pool([e for e in self.examples if e.id in keep], self.path, self.container, self.format)
+
+
+def fingerprint_examples(examples: list[Example]) -> str:
+    return Pool(examples, "", "memory", "memory").fingerprint()
+
+
+def make_unique_ids(examples: list[Example]) -> int:
+    """Give repeated ids a `~2`, `~3` suffix in order; return how many were renamed."""
+    seen: Counter[str] = Counter()
+    renamed = 0
+    for ex in examples:
+        seen[ex.id] += 1
+        if seen[ex.id] > 1:
+            ex.id = f"{ex.id}~{seen[ex.id]}"
+            renamed += 1
+    return renamed

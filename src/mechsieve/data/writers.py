@@ -1,0 +1,86 @@
+"""Write a subset of a pool back in the pool's own format (same container, same raw records).
+
+The raw records are re-read from the source file and filtered by row, so fields we do not model
+(ids, tests, metadata columns) survive untouched. Pools built in memory, or mixed from several
+files, are written as chat `messages` JSONL, which every reader here (and TRL) accepts.
+Every write is atomic (store.atomic): a temporary file in the same folder, then a rename.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from mechsieve.data.readers import iter_raw
+from mechsieve.data.records import Example, Pool
+from mechsieve.store.atomic import atomic_dir, atomic_path, write_text
+
+_SUFFIX = {"jsonl": ".jsonl", "json": ".json", "parquet": ".parquet", "csv": ".csv"}
+
+
+def example_to_messages(ex: Example) -> dict[str, Any]:
+    messages = list(ex.prompt)
+    if ex.response:
+        messages = [*messages, {"role": "assistant", "content": ex.response}]
+    return {"id": ex.id, "source": ex.source, "messages": messages}
+
+
+def subset_filename(pool: Pool, stem: str = "selected") -> str:
+    """The file (or folder) name a subset of `pool` is written under."""
+    if pool.container in _SUFFIX:
+        return stem + _SUFFIX[pool.container]
+    if pool.container == "disk":
+        return stem
+    return stem + ".jsonl"
+
+
+def write_subset(pool: Pool, ids: list[str] | set[str], out_path: str | Path) -> Path:
+    """Write the records of `pool` whose id is in `ids`, in the pool's own container and layout."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    keep = set(ids)
+    unknown = keep - {ex.id for ex in pool.examples}
+    if unknown:
+        raise ValueError(f"{len(unknown)} id(s) are not in the pool {pool.path}, e.g. {sorted(unknown)[:3]}")
+    chosen = [ex for ex in pool.examples if ex.id in keep]
+    rows = {ex.meta.get("row") for ex in chosen}
+    if pool.container not in (*_SUFFIX, "disk") or None in rows:
+        return write_jsonl(out_path, [example_to_messages(ex) for ex in chosen])
+    if pool.container == "disk":
+        import datasets
+
+        ds = datasets.load_from_disk(pool.path)
+        with atomic_dir(out_path) as tmp:
+            ds.select(sorted(rows)).save_to_disk(str(tmp))
+        return out_path
+    records = [rec for _, row, rec in iter_raw(pool.path, pool.container) if row in rows]
+    if pool.container == "jsonl":
+        return write_jsonl(out_path, records)
+    if pool.container == "json":
+        return write_text(out_path, json.dumps(records, ensure_ascii=False, indent=1))
+    if pool.container == "csv":
+        return _write_csv(out_path, records)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with atomic_path(out_path) as tmp:
+        pq.write_table(pa.Table.from_pylist(records), tmp)
+    return out_path
+
+
+def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> Path:
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    return write_text(path, text)
+
+
+def _write_csv(path: Path, records: list[dict[str, Any]]) -> Path:
+    fields: list[str] = []
+    for rec in records:
+        fields += [k for k in rec if k not in fields]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(records)
+    return path
