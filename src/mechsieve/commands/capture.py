@@ -6,8 +6,16 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mechsieve.commands._common import (add_config_flags, add_data_flags, add_model_flags, build_config,
-                                        data_flags, int_list, model_flags, print_outputs)
+from mechsieve.commands._common import (
+    add_config_flags,
+    add_data_flags,
+    add_model_flags,
+    build_config,
+    data_flags,
+    int_list,
+    model_flags,
+    print_outputs,
+)
 
 NAME = "capture"
 HELP = "capture per-example activations (residual stream or MLP neurons) of a pool"

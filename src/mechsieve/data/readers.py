@@ -233,11 +233,10 @@ def read_pool(
                 raise RecordError("<line>", "one JSON object per line", record.why)
             if fmt is None:
                 fmt = detect_format(record)
-            elif fmt != "mapping" and cfg.format == "auto" and detect_format(record) != fmt:
-                raise RecordError("<record>", f"the same layout as the first record ({fmt})", sorted(record))
             examples.append(to_example(record, fmt, src, row, cfg.field_map))
         except RecordError as err:
-            message = f"{loc}: {err}"
+            layout = f" [layout {fmt}{', detected from the first record' if cfg.format == 'auto' else ''}]" if fmt else ""
+            message = f"{loc}: {err}{layout}"
             if not cfg.skip_invalid:
                 raise DataError(message + " (use --skip-invalid to skip such records)") from err
             skipped.append(message)

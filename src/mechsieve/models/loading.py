@@ -98,7 +98,6 @@ def load_model(cfg: ModelConfig | str | None = None, **overrides: Any) -> Loaded
     if cfg is None or isinstance(cfg, str):
         cfg = ModelConfig(name=cfg or DEFAULT_MODEL, **overrides)
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-tensor loading bars are noise; our own bars say what runs

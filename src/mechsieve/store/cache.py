@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mechsieve.store.artefacts import artefact_exists, diff_settings, load_artefact, SettingsMismatch
+from mechsieve.store.artefacts import (
+    SettingsMismatch,
+    artefact_exists,
+    diff_settings,
+    load_artefact,
+)
 
 
 def cache_key(model: Any, data: str, settings: Any) -> dict[str, Any]:
