@@ -1,0 +1,94 @@
+"""`mechsieve train`: LoRA (or full) fine-tuning on a pool or on tokenized items with masks."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mechsieve.commands._common import (
+    add_config_flags,
+    add_data_flags,
+    add_model_flags,
+    build_config,
+    data_flags,
+    model_flags,
+    print_outputs,
+)
+
+NAME = "train"
+HELP = "fine-tune (LoRA by default) on a pool or on tokenized items whose labels carry token masks"
+
+
+@dataclass
+class TrainCommand:
+    """Settings of `mechsieve train`."""
+
+    from mechsieve.data.readers import DataConfig
+    from mechsieve.data.render import RenderConfig
+    from mechsieve.models.loading import ModelConfig
+    from mechsieve.train.config import TrainConfig
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    """A pool any reader accepts, or tokenized items (input_ids + labels: a save_to_disk folder,
+    .parquet or .jsonl, as `mechsieve mask-tokens` writes) used as they are."""
+    render: RenderConfig = field(default_factory=RenderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out: str = "runs/train"
+    """Output folder: the adapter (or full model) and train.json (settings, loss curve)."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_flags(p)
+    add_data_flags(p, flag="--data")
+    p.add_argument("--out", help="output folder (default runs/train)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: from --epochs)")
+    p.add_argument("--epochs", type=float, help="passes over the data (default 1)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 2e-4)")
+    p.add_argument("--lora-r", type=int, help="LoRA rank (default 16)")
+    p.add_argument("--max-tokens", type=int, help="token budget of one micro-batch (default 4096)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--seed", type=int, help="seed of LoRA init, dropout and batch order (default 0)")
+    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p.add_argument("--max-len", type=int, help="longest rendered example (tokens)")
+    add_config_flags(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mechsieve.data.readers import read_pool
+    from mechsieve.models.loading import load_model
+    from mechsieve.train import is_tokenized, items_from_examples, load_tokenized, train
+
+    flags = {**model_flags(args), **data_flags(args, flag="data", key="data"), "out": args.out,
+             "train.max_steps": args.steps, "train.epochs": args.epochs, "train.learning_rate": args.lr,
+             "train.lora_r": args.lora_r, "train.max_tokens": args.max_tokens, "train.grad_accum": args.grad_accum,
+             "train.seed": args.seed, "train.full_finetune": True if args.full else None,
+             "render.max_len": args.max_len}
+    cfg = build_config(TrainCommand, args, flags)
+    loaded = load_model(cfg.model)
+    if cfg.data.path and is_tokenized(cfg.data.path):
+        items = load_tokenized(cfg.data.path)
+        if cfg.data.limit:
+            items = items[: cfg.data.limit]
+        print(f"read {len(items)} tokenized items (labels as given, masks included) from {cfg.data.path}")
+    else:
+        pool = read_pool(cfg.data)
+        if pool.skipped:
+            print(f"skipped {len(pool.skipped)} invalid record(s); first: {pool.skipped[0]}")
+        items = items_from_examples(pool.examples, loaded.tokenizer, cfg.render)
+        print(f"read {len(pool)} examples ({pool.format}) from {pool.path}; labels on response tokens")
+    vocab = loaded.model.get_input_embeddings().weight.shape[0]
+    top = max(int(it.input_ids.max()) for it in items if len(it))
+    if top >= vocab:
+        from mechsieve.config import ConfigError
+
+        raise ConfigError(f"token id {top} is outside this model's vocabulary ({vocab}); the items were "
+                          "tokenized for another model: pass that --model")
+    result = train(loaded, items, cfg.train, out_dir=cfg.out, progress=not args.quiet)
+    kind = "full fine-tuning" if cfg.train.full_finetune else f"LoRA r={cfg.train.lora_r}"
+    print(f"{kind}: {result.steps} steps, {result.tokens} label tokens in {result.seconds:.1f} s "
+          f"({result.tokens_per_s:.1f} tok/s); loss {result.loss_curve[0]:.4f} -> {result.loss_curve[-1]:.4f}")
+    print_outputs({"adapter" if not cfg.train.full_finetune else "model": Path(cfg.out),
+                   "settings": Path(cfg.out) / "train.json"})
+    return 0

@@ -1,0 +1,192 @@
+"""Training items: token ids with labels (-100 where no loss), their collation, and their files.
+
+A `TrainItem` is what the trainer consumes and what a token masker (XTF) writes: `labels[t]` is
+`input_ids[t]` where the loss is taken and -100 elsewhere (prompt tokens, masked tokens,
+padding). Labels are aligned with the ids, as in Hugging Face: the logits at `t - 1` predict
+`labels[t]`. Collation pads ids and labels side by side, so a mask always reaches the loss.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mechsieve.data.readers import DataError
+from mechsieve.data.records import Example
+from mechsieve.data.render import RenderConfig, render_pool
+
+IGNORE = -100
+
+
+@dataclass
+class TrainItem:
+    """One training sequence. input_ids: [t] int64; labels: [t] int64, -100 where no loss."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.input_ids = np.asarray(self.input_ids, dtype=np.int64)
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if self.input_ids.shape != self.labels.shape or self.input_ids.ndim != 1:
+            raise ValueError(f"input_ids {self.input_ids.shape} and labels {self.labels.shape} "
+                             "must be 1-d and of the same length")
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def n_targets(self) -> int:
+        """Tokens the loss is taken on (the first token has no prediction, so it never counts)."""
+        return int((self.labels[1:] != IGNORE).sum())
+
+
+def items_from_examples(examples: Sequence[Example], tokenizer: Any,
+                        render_cfg: RenderConfig | None = None) -> list[TrainItem]:
+    """Render examples; labels are the ids on response tokens and -100 on everything else."""
+    rendered, _ = render_pool(examples, tokenizer, render_cfg or RenderConfig())
+    return [TrainItem(r.input_ids, np.where(r.response_mask, r.input_ids, IGNORE)) for r in rendered]
+
+
+@dataclass
+class ItemBatch:
+    """Padded items. Row r holds item `indices[r]` right-padded; labels are -100 on padding."""
+
+    input_ids: torch.Tensor  # [b, t] long
+    labels: torch.Tensor  # [b, t] long
+    attention_mask: torch.Tensor  # [b, t] long
+    position_ids: torch.Tensor  # [b, t] long
+    indices: list[int]
+
+    def to(self, device: Any) -> ItemBatch:
+        return ItemBatch(self.input_ids.to(device), self.labels.to(device), self.attention_mask.to(device),
+                         self.position_ids.to(device), self.indices)
+
+    @property
+    def n_targets(self) -> int:
+        return int((self.labels[:, 1:] != IGNORE).sum())
+
+
+def collate_items(items: Sequence[TrainItem], indices: Sequence[int], pad_id: int) -> ItemBatch:
+    """Right-pad `items[i] for i in indices`; ids and labels move together, so masks survive."""
+    chosen = [items[i] for i in indices]
+    width = max(len(it) for it in chosen)
+    ids = np.full((len(chosen), width), pad_id, dtype=np.int64)
+    labels = np.full((len(chosen), width), IGNORE, dtype=np.int64)
+    att = np.zeros((len(chosen), width), dtype=np.int64)
+    for row, it in enumerate(chosen):
+        ids[row, : len(it)] = it.input_ids
+        labels[row, : len(it)] = it.labels
+        att[row, : len(it)] = 1
+    att_t = torch.from_numpy(att)
+    return ItemBatch(torch.from_numpy(ids), torch.from_numpy(labels), att_t,
+                     (att_t.cumsum(-1) - 1).clamp(min=0), list(indices))
+
+
+def save_tokenized(path: str | Path, items: Sequence[TrainItem], extra: dict[str, list] | None = None) -> Path:
+    """Write items as a `datasets.save_to_disk` folder with columns input_ids, labels (+ extra)."""
+    import datasets
+
+    from mechsieve.store.atomic import atomic_dir
+
+    columns: dict[str, list] = {"input_ids": [it.input_ids.tolist() for it in items],
+                                "labels": [it.labels.tolist() for it in items]}
+    for name, values in (extra or {}).items():
+        if name in columns:
+            raise ValueError(f"extra column {name!r} clashes with input_ids/labels")
+        if len(values) != len(items):
+            raise ValueError(f"extra column {name!r} has {len(values)} values for {len(items)} items")
+        columns[name] = list(values)
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int64")),
+                                  "labels": datasets.Sequence(datasets.Value("int64"))})
+    ds = datasets.Dataset.from_dict({k: columns[k] for k in ("input_ids", "labels")}, features=features)
+    for name in columns:
+        if name not in ("input_ids", "labels"):
+            ds = ds.add_column(name, columns[name])
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        ds.save_to_disk(str(tmp))
+    return path
+
+
+def is_tokenized(path: str | Path) -> bool:
+    """Whether `path` holds tokenized items (input_ids and labels columns) rather than records."""
+    try:
+        columns = _columns(Path(path))
+    except Exception:
+        return False
+    return {"input_ids", "labels"} <= set(columns)
+
+
+def _columns(path: Path) -> list[str]:
+    if path.is_dir():
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        return list(ds.column_names)
+    if path.name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return list(pq.ParquetFile(path).schema_arrow.names)
+    if path.name.endswith((".jsonl", ".ndjson")):
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    return list(json.loads(line))
+        return []
+    raise ValueError(f"{path}: not a saved dataset folder, .parquet or .jsonl")
+
+
+def load_tokenized(path: str | Path) -> list[TrainItem]:
+    """Read items from a save_to_disk folder, a .parquet or a .jsonl with input_ids and labels."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.is_dir():
+        import datasets
+
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        rows_cols = list(ds.column_names)
+        _check_columns(path, rows_cols)
+        ids, labels = ds["input_ids"], ds["labels"]
+    elif path.name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        _check_columns(path, table.column_names)
+        ids, labels = table.column("input_ids").to_pylist(), table.column("labels").to_pylist()
+    elif path.name.endswith((".jsonl", ".ndjson")):
+        ids, labels = [], []
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                _check_columns(f"{path}:{lineno}", list(row))
+                ids.append(row["input_ids"])
+                labels.append(row["labels"])
+    else:
+        raise DataError(f"{path}: tokenized items come as a save_to_disk folder, .parquet or .jsonl")
+    out = []
+    for row, (a, b) in enumerate(zip(ids, labels)):
+        if len(a) != len(b):
+            raise DataError(f"{path}: row {row} has {len(a)} input_ids but {len(b)} labels")
+        out.append(TrainItem(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)))
+    return out
+
+
+def _check_columns(where: Any, columns: list[str]) -> None:
+    missing = [c for c in ("input_ids", "labels") if c not in columns]
+    if missing:
+        raise DataError(f"{where}: missing column(s) {missing}; tokenized items need input_ids and labels "
+                         f"(found {sorted(columns)}). A pool of records is read with read_pool instead.")
