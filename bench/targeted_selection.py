@@ -1,0 +1,380 @@
+"""B1 targeted selection: which methods find the GSM8K examples in a mixed pool, and does
+fine-tuning on the NAIT selection beat random 10% at equal steps?
+
+SmolLM2-135M-Instruct, real data from ../shared/data. Pool: `--per-source` examples (seeded
+sample) from each of GSM8K train, MBPP, MedQA, Alpaca (Cherry), LIMA, insecure code and
+TinyStories, rendered to at most `--max-len` tokens (longer ones cut; counted). Target:
+`--target` other GSM8K train examples. Budget 10%.
+
+Phase `select`: every method scores the pool; per method the share of the selection that comes
+from GSM8K (random: about 1/7) and the wall time. Scores go to
+bench/results/targeted_selection_scores.parquet and the selected ids into the JSON, so phase
+`train` need not recompute them.
+Phase `train`: LoRA on the NAIT selection, on random 10% (3 seeds) and on the full pool, all with
+the same number of optimizer steps, each from a freshly loaded base model; held-out loss per
+answer token on `--heldout` GSM8K test answers (the base model's too).
+
+    flock /tmp/mechsieve-bench.lock python bench/targeted_selection.py --phase select
+    flock /tmp/mechsieve-bench.lock python bench/targeted_selection.py --phase train
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "bench" / "results"
+OUT_JSON = RESULTS / "targeted_selection.json"
+SCORES = RESULTS / "targeted_selection_scores.parquet"
+SOURCES = ["gsm8k", "mbpp", "medqa", "alpaca", "lima", "insecure", "tinystories"]
+
+
+def medqa_example(ex):
+    """MedQA: fold the options into the question, answer = "letter. text" (as the bundled sample)."""
+    raw = ex.meta.get("options")
+    options = raw if isinstance(raw, dict) else ast.literal_eval(raw) if raw else {}
+    letter = ex.meta.get("answer_idx", "")
+    question = ex.prompt[-1]["content"] + "\n" + "\n".join(f"{k}. {v}" for k, v in options.items())
+    ex.prompt = [{"role": "user", "content": question}]
+    ex.response = f"{letter}. {ex.response}" if letter else ex.response
+    return ex
+
+
+def read_source(name: str):
+    from mechsieve.data import Example, read_pool
+
+    if name == "gsm8k":
+        return read_pool(DATA / "gsm8k" / "train.jsonl", source="gsm8k").examples
+    if name == "mbpp":
+        return read_pool(DATA / "code" / "mbpp.jsonl", field_map={"prompt": "text", "response": "code",
+                                                                  "id": "task_id"}, source="mbpp").examples
+    if name == "medqa":
+        return [medqa_example(e) for e in read_pool(DATA / "medical" / "medqa" / "test.jsonl",
+                                                    source="medqa").examples]
+    if name == "alpaca":
+        return read_pool(DATA / "instruction" / "alpaca_cherry_3k.json", source="alpaca").examples
+    if name == "lima":
+        return read_pool(DATA / "instruction" / "lima.json", source="lima").examples
+    if name == "insecure":
+        return read_pool(DATA / "misalignment" / "insecure_code_3021.jsonl", source="insecure").examples
+    text = (DATA / "stories" / "tinystories_train_sample_2MiB.txt").read_text(encoding="utf-8")
+    stories = [s.strip() for s in text.split("<|endoftext|>") if len(s.strip()) > 50]
+    return [Example(f"tinystories-{i}", "tinystories", [], s, {"row": i}) for i, s in enumerate(stories)]
+
+
+def build_pool(per_source: int, n_target: int, seed: int):
+    """Seeded samples per source; the target is drawn from GSM8K train rows not in the pool."""
+    from mechsieve.data import Pool
+    from mechsieve.data.records import make_unique_ids
+
+    rng = np.random.default_rng(seed)
+    pool_examples, target_examples = [], []
+    for name in SOURCES:
+        rows = read_source(name)
+        take = rng.permutation(len(rows))
+        pool_examples += [rows[i] for i in sorted(take[:per_source])]
+        if name == "gsm8k":
+            target_examples = [rows[i] for i in sorted(take[per_source:per_source + n_target])]
+    for ex in pool_examples:
+        ex.id = f"{ex.source}:{ex.id}"
+    make_unique_ids(pool_examples)
+    return Pool(pool_examples, "bench-b1", "memory", "mixed"), Pool(target_examples, "bench-b1-target",
+                                                                     "memory", "question_answer")
+
+
+def run_select(args, loaded, pool, target, save) -> dict:
+    """Every method in turn (NAIT first, IFD, the costliest, last); `save(partial)` after each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mechsieve.data import RenderConfig, render_pool
+    from mechsieve.scorers.baselines import RdsConfig, RdsScorer
+    from mechsieve.scorers.kcenter import KCenterConfig, KCenterScorer
+    from mechsieve.select import choose, select_examples
+
+    render = {"max_len": args.max_len}
+    batch = {"max_tokens": args.max_tokens, "max_batch": 64}
+    _, rstats = render_pool(pool.examples, loaded.tokenizer, RenderConfig(max_len=args.max_len))
+    ids = [ex.id for ex in pool.examples]
+    sources = np.array([ex.source for ex in pool.examples])
+    out = {"render": rstats.summary(), "truncated": rstats.truncated, "methods": {}}
+    methods: dict[str, dict] = out["methods"]
+    columns: dict[str, np.ndarray] = {}
+
+    def record(label: str, scores, selected, order, seconds, extra=None):
+        chosen = [ids[i] for i in order if selected[i]]
+        by_source = {s: int((selected & (sources == s)).sum()) for s in SOURCES}
+        methods[label] = {"share_gsm8k": round(by_source["gsm8k"] / max(int(selected.sum()), 1), 4),
+                          "selected": int(selected.sum()), "by_source": by_source,
+                          "wall_s": round(seconds, 2), "selected_ids": chosen, **(extra or {})}
+        columns[label] = np.asarray(scores, dtype=np.float64)
+        print(f"  {label:<10} share_gsm8k={methods[label]['share_gsm8k']:.3f}  {seconds:7.1f} s  {by_source}",
+              flush=True)
+        table = pa.table({"id": ids, "source": list(sources), **{k: pa.array(v) for k, v in columns.items()}})
+        pq.write_table(table, SCORES)
+        save(out)
+
+    def through_pipeline(label: str, method: str) -> None:
+        print(f"[select] {label}", flush=True)
+        t0 = time.perf_counter()
+        sel = select_examples(method, pool, args.budget, target=target, loaded=loaded, seed=0,
+                              settings=None if method == "random" else {"render": render, **batch},
+                              progress=not args.quiet)
+        seconds = time.perf_counter() - t0
+        record(label, sel.scores, sel.selected, np.argsort(sel.ranks), seconds,
+               {"timings": sel.timings, "explanations": sel.explanations})
+        if method == "loss":  # the low end of the same scores: no second pass
+            low = choose(sel.scores, ids, args.budget, "bottom")
+            record("loss_low", sel.scores, low.selected, low.order, seconds, {"note": "same pass as loss_high"})
+
+    wanted = args.methods.split(",")
+    for label, method in (("random", "random"), ("nait", "nait")):
+        if label in wanted:
+            through_pipeline(label, method)
+    if "rds" in wanted or "kcenter" in wanted:
+        # RDS+ runs its scorer directly (as select_examples does) to keep its pool embeddings, on
+        # which k-center then runs: k-center's wall time = that embedding pass + its traversal.
+        print("[select] rds", flush=True)
+        t0 = time.perf_counter()
+        rds = RdsScorer(RdsConfig(render=RenderConfig(**render), **batch))
+        res = rds.score(pool, target=target, loaded=loaded, progress=not args.quiet)
+        picked = choose(res.scores, ids, args.budget, "top")
+        record("rds", res.scores, picked.selected, picked.order, time.perf_counter() - t0, {"timings": res.timings})
+        print("[select] kcenter (cosine, on the RDS+ pool embeddings)", flush=True)
+        t0 = time.perf_counter()
+        res = KCenterScorer(KCenterConfig(), features=rds.pool_embeddings).score(pool)
+        picked = choose(res.scores, ids, args.budget, "top")
+        record("kcenter", res.scores, picked.selected, picked.order,
+               time.perf_counter() - t0 + float(res_timing(methods)),
+               {"explanations": res.explanations, "note": "wall_s includes the RDS+ pool pass"})
+    if {"loss_high", "loss_low", "ifd"} & set(wanted):
+        through_pipeline("loss_high", "loss")
+    if "ifd" in wanted:
+        # IFD's conditional term is exactly the loss scorer's score (same render and mask; a unit
+        # test checks it), so only the response-alone pass runs here; wall_s adds the loss pass.
+        from mechsieve.scorers.baselines import IfdConfig, IfdScorer
+
+        print("[select] ifd (conditional term from the loss pass)", flush=True)
+        t0 = time.perf_counter()
+        res = IfdScorer(IfdConfig(render=RenderConfig(**render), **batch),
+                        conditional_loss=columns["loss_high"]).score(pool, loaded=loaded, progress=not args.quiet)
+        picked = choose(res.scores, ids, args.budget, "top")
+        record("ifd", res.scores, picked.selected, picked.order,
+               time.perf_counter() - t0 + methods["loss_high"]["wall_s"],
+               {"timings": res.timings, "explanations": res.explanations,
+                "note": "wall_s includes the loss pass (the conditional term)"})
+    return out
+
+
+def run_variants(args, loaded, pool, target, save) -> dict:
+    """NAIT options (METHODS.md section 2) on the same pool: one pass per (site, drift), and from
+    its per-layer projections every similarity x normalisation, plus thirds of the layers."""
+    from mechsieve.data import RenderConfig
+    from mechsieve.models.hooks import hook_points
+    from mechsieve.scorers.nait import Nait, NaitConfig, layer_terms
+    from mechsieve.select import choose
+
+    ids = [ex.id for ex in pool.examples]
+    is_gsm = np.array([ex.source == "gsm8k" for ex in pool.examples])
+    layers = hook_points(loaded.model).normalize_layers("all")
+    thirds = np.array_split(np.arange(len(layers)), 3)
+    out: dict = {}
+    for spec in args.variants.split(","):
+        site, drift = spec.split(":")
+        print(f"[variants] nait site={site} drift={drift}", flush=True)
+        t0 = time.perf_counter()
+        scorer = Nait(NaitConfig(render=RenderConfig(max_len=args.max_len), max_tokens=args.max_tokens,
+                                 max_batch=64, site=site, drift=drift))
+        dirs = scorer.directions_for(loaded, target, layers, not args.quiet)
+        proj, norms = scorer.project(loaded, pool, dirs, not args.quiet)
+        seconds = time.perf_counter() - t0
+        shares = {}
+        for sim in ("dot", "cosine"):
+            for norm in ("none", "target", "pool"):
+                terms = layer_terms(proj, norms, dirs, sim, norm)[:, 0]  # [n, L]
+                combos = {f"{sim}/{norm}": terms.sum(1)}
+                if (sim, norm) == ("dot", "none"):
+                    combos.update({f"dot/none/layers{int(t[0])}-{int(t[-1])}": terms[:, t].sum(1) for t in thirds})
+                for name, score in combos.items():
+                    picked = choose(score, ids, args.budget, "top")
+                    shares[name] = round(float(is_gsm[picked.selected].mean()), 4)
+        out[f"{site}:{drift}"] = {"share_gsm8k": shares, "wall_s": round(seconds, 1)}
+        print(f"  {shares}", flush=True)
+        save(out)
+    return out
+
+
+def rescore_ifd(results: dict, pool) -> None:
+    """Apply the IFD rule added after the first run (prompt-less examples are not scored) to the
+    cached IFD scores: no model pass, the scores of every other example are unchanged."""
+    import pyarrow.parquet as pq
+
+    from mechsieve.select import choose
+
+    table = pq.read_table(SCORES).to_pydict()
+    ids = [ex.id for ex in pool.examples]
+    assert table["id"] == ids, "the cached scores belong to another pool"
+    scores = np.array(table["ifd"], dtype=np.float64)
+    no_prompt = np.array([not ex.prompt for ex in pool.examples])
+    scores[no_prompt] = np.nan
+    picked = choose(scores, ids, results["pool"]["budget"], "top")
+    sources = np.array([ex.source for ex in pool.examples])
+    by_source = {s: int((picked.selected & (sources == s)).sum()) for s in SOURCES}
+    methods = results["select"]["methods"]
+    old = methods["ifd"]
+    methods["ifd_as_run"] = {k: old[k] for k in ("share_gsm8k", "by_source", "wall_s")} | {
+        "note": "before prompt-less examples were left unscored: TinyStories (no prompt) had IFD = 1 exactly"}
+    methods["ifd"] = {**old, "share_gsm8k": round(by_source["gsm8k"] / max(int(picked.selected.sum()), 1), 4),
+                      "selected": int(picked.selected.sum()), "by_source": by_source,
+                      "selected_ids": [ids[i] for i in picked.order if picked.selected[i]],
+                      "note": old.get("note", "") + "; rescored from the cached scores with prompt-less "
+                      f"examples unscored ({int(no_prompt.sum())}), `--phase rescore-ifd`"}
+
+
+def res_timing(methods: dict) -> float:
+    return methods["rds"]["timings"]["forward_pool"]
+
+
+def heldout_examples(n: int):
+    from mechsieve.data import read_pool
+
+    return read_pool(DATA / "gsm8k" / "test.jsonl", source="gsm8k_test", limit=n).examples
+
+
+def run_train(args, pool, methods: dict) -> dict:
+    """LoRA runs at equal optimizer steps, each from a freshly loaded base model; held-out loss."""
+    from mechsieve.data import RenderConfig
+    from mechsieve.evaluate import heldout_loss
+    from mechsieve.models import load_model
+    from mechsieve.select import select_examples
+    from mechsieve.train import TrainConfig, items_from_examples, train
+
+    render_cfg = RenderConfig(max_len=args.max_len)
+    eval_cfg = RenderConfig(max_len=512)  # held-out answers complete, not cut at the pool's limit
+    heldout = heldout_examples(args.heldout)
+    by_id = {ex.id: ex for ex in pool.examples}
+    subsets = {"nait": methods["nait"]["selected_ids"]}
+    for seed in range(3):
+        subsets[f"random_seed{seed}"] = select_examples("random", pool, args.budget, seed=seed).ids
+    subsets["full"] = [ex.id for ex in pool.examples]
+    out: dict = {"heldout_max_len": 512, "steps": args.steps, "examples_per_step": args.train_batch, "heldout_examples": len(heldout),
+                 "lora": {}, "runs": {}, "heldout_loss": {}}
+    t0 = time.perf_counter()
+    base = load_model("smollm2-135m-instruct")
+    h = heldout_loss(base.model, base.tokenizer, heldout, eval_cfg, progress=not args.quiet)
+    out["heldout_loss"]["base"] = h["loss_per_token"]
+    out["runs"]["base"] = {"heldout": h, "eval_s": round(time.perf_counter() - t0, 1)}
+    del base
+    for label, ids in subsets.items():
+        print(f"[train] {label}: {len(ids)} examples, {args.steps} steps", flush=True)
+        cfg = TrainConfig(max_steps=args.steps, max_batch=args.train_batch, max_tokens=args.train_batch * args.max_len,
+                          seed=args.seed, warmup_steps=max(1, args.steps // 10))
+        out["lora"] = {k: v for k, v in cfg.__dict__.items()}
+        loaded = load_model("smollm2-135m-instruct")  # a fresh base model for every run
+        items = items_from_examples([by_id[i] for i in ids], loaded.tokenizer, render_cfg)
+        result = train(loaded, items, cfg, progress=not args.quiet)
+        t1 = time.perf_counter()
+        h = heldout_loss(loaded.model, loaded.tokenizer, heldout, eval_cfg, progress=not args.quiet)
+        out["heldout_loss"][label] = h["loss_per_token"]
+        out["runs"][label] = {"examples": len(ids), "train_s": round(result.seconds, 1),
+                              "train_tokens": result.tokens, "final_train_loss": result.loss_curve[-1],
+                              "eval_s": round(time.perf_counter() - t1, 1), "heldout": h}
+        print(f"  held-out loss {h['loss_per_token']:.4f} (train {result.seconds:.0f} s)", flush=True)
+        del loaded
+    rand = [out["heldout_loss"][f"random_seed{s}"] for s in range(3)]
+    out["random_mean"] = float(np.mean(rand))
+    out["random_std"] = float(np.std(rand))
+    out["nait_beats_random_mean"] = out["heldout_loss"]["nait"] < out["random_mean"]
+    out["nait_beats_every_random_seed"] = all(out["heldout_loss"]["nait"] < r for r in rand)
+    out["total_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--phase", choices=["select", "train", "all", "variants", "rescore-ifd"], default="all")
+    p.add_argument("--variants", default="resid:last,resid:last_prompt,mlp:last",
+                   help="phase variants: NAIT site:drift pairs, one pool pass each")
+    p.add_argument("--per-source", type=int, default=100)
+    p.add_argument("--target", type=int, default=32)
+    p.add_argument("--max-len", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--budget", type=float, default=0.1)
+    p.add_argument("--steps", type=int, default=24, help="optimizer steps of every LoRA run")
+    p.add_argument("--train-batch", type=int, default=4, help="examples per optimizer step")
+    p.add_argument("--heldout", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", default="random,nait,rds,kcenter,loss_high,loss_low,ifd",
+                   help="comma-separated subset of the methods to run in the select phase")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args()
+    import torch
+
+    from mechsieve.models import load_model
+
+    results = (json.loads(OUT_JSON.read_text()) if OUT_JSON.exists()
+               and args.phase in ("train", "variants", "rescore-ifd") else {})
+    command = " ".join(["python", *sys.argv])
+    results.update({"benchmark": "B1 targeted selection",
+                    ("command" if args.phase in ("select", "all") else f"command_{args.phase}"): command,
+                    "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
+                    "model": "smollm2-135m-instruct (float32, CPU)"})
+    pool, target = build_pool(args.per_source, args.target, args.seed)
+    results["pool"] = {"examples": len(pool), "by_source": pool.counts_by_source(), "target": len(target),
+                       "per_source": args.per_source, "max_len": args.max_len, "budget": args.budget,
+                       "seed": args.seed, "fingerprint": pool.fingerprint()}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.phase in ("select", "all"):
+        t0 = time.perf_counter()
+        loaded = load_model("smollm2-135m-instruct")
+
+        def save(partial: dict) -> None:
+            results["select"] = partial
+            OUT_JSON.write_text(json.dumps(results, indent=1) + "\n")
+
+        results["select"] = run_select(args, loaded, pool, target, save)
+        results["select"]["total_s"] = round(time.perf_counter() - t0, 1)
+        share = results["select"]["methods"]["nait"]["share_gsm8k"]
+        results["targets"] = {"nait_share_at_least_0.9": share >= 0.9, "nait_share": share}
+        OUT_JSON.write_text(json.dumps(results, indent=1) + "\n")
+        del loaded
+    if args.phase == "rescore-ifd":
+        rescore_ifd(results, pool)
+        OUT_JSON.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"B1 IFD rescored: share {results['select']['methods']['ifd']['share_gsm8k']}, "
+              f"{results['select']['methods']['ifd']['by_source']}")
+        return 0
+    if args.phase == "variants":
+        loaded = load_model("smollm2-135m-instruct")
+
+        def save_variants(partial: dict) -> None:
+            results["nait_variants"] = partial
+            OUT_JSON.write_text(json.dumps(results, indent=1) + "\n")
+
+        run_variants(args, loaded, pool, target, save_variants)
+        print("B1 NAIT variants: " + json.dumps(results["nait_variants"]))
+        return 0
+    if args.phase in ("train", "all"):
+        results["train"] = run_train(args, pool, results["select"]["methods"])
+        results.setdefault("targets", {})["nait_finetune_lower_heldout_loss_than_random"] = \
+            results["train"]["nait_beats_random_mean"]
+        OUT_JSON.write_text(json.dumps(results, indent=1) + "\n")
+    m = results.get("select", {}).get("methods", {})
+    line = "B1: " + ", ".join(f"{k} share {v['share_gsm8k']:.2f} ({v['wall_s']:.0f} s)" for k, v in m.items())
+    if "train" in results:
+        line += "; held-out loss " + ", ".join(f"{k} {v:.4f}" for k, v in results["train"]["heldout_loss"].items())
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Features read out of a model: SAE latents, neurons, probe / concept directions."""

@@ -1,0 +1,104 @@
+"""NAIT capability directions: per-layer first principal components of activation drift.
+
+A `CapabilityDirections` holds, for each target capability `c` and chosen layer `l`, the unit
+direction `v[c, l]` (first principal component of the target set's drifts, sign-calibrated so
+that the mean drift projects non-negatively), the share of variance it explains, and the mean
+and standard deviation over the target set of each layer's dot product and cosine with it (for
+z-normalisation). It is a
+reusable artefact ("capability fingerprint"): `nait_directions.safetensors` + `.json` of the
+settings that made it; loading under other settings is refused naming the differing ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ARTEFACT = "nait_directions"
+
+
+def first_component(drifts: np.ndarray) -> tuple[np.ndarray, float]:
+    """First principal component of `drifts: [m, d]` (centred), unit norm, and its variance share.
+
+    Sign calibration (NAIT, step 3): flipped so that mean(drifts) . v >= 0.
+    """
+    x = np.asarray(drifts, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"a principal direction needs at least 2 target examples, got {x.shape[0]}")
+    centred = x - x.mean(axis=0, keepdims=True)
+    _, sing, vt = np.linalg.svd(centred, full_matrices=False)
+    v = vt[0]
+    if x.mean(axis=0) @ v < 0:
+        v = -v
+    total = float((sing**2).sum())
+    return v, (float(sing[0] ** 2) / total if total > 0 else 0.0)
+
+
+@dataclass
+class CapabilityDirections:
+    """directions: [c, L, d] float32 unit rows; explained and the target statistics: [c, L]."""
+
+    names: list[str]
+    layers: list[int]
+    directions: np.ndarray
+    explained: np.ndarray
+    proj_mean: np.ndarray
+    proj_std: np.ndarray
+    cos_mean: np.ndarray
+    cos_std: np.ndarray
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, folder: str | Path) -> Path:
+        from mechsieve.store.artefacts import save_artefact
+
+        tensors = {"directions": self.directions.astype(np.float32), "explained": self.explained,
+                   "proj_mean": self.proj_mean, "proj_std": self.proj_std,
+                   "cos_mean": self.cos_mean, "cos_std": self.cos_std}
+        return save_artefact(folder, ARTEFACT, tensors, self.settings,
+                             extra={"names": self.names, "layers": self.layers})
+
+    @classmethod
+    def load(cls, folder: str | Path, expected: dict[str, Any] | None = None) -> CapabilityDirections:
+        """Read the artefact; settings named in `expected` must match (SettingsMismatch otherwise).
+
+        Keys of the saved settings that `expected` does not name (e.g. the target set's
+        fingerprint, when scoring without the target at hand) are not compared.
+        """
+        from mechsieve.store.artefacts import SettingsMismatch, diff_settings, load_artefact
+
+        tensors, meta = load_artefact(folder, ARTEFACT)
+        saved = meta.get("settings", {})
+        if expected is not None:
+            differences = diff_settings({k: saved.get(k) for k in expected}, expected)
+            if differences:
+                raise SettingsMismatch(Path(folder) / ARTEFACT, differences)
+        return cls(meta["names"], meta["layers"], tensors["directions"], tensors["explained"],
+                   tensors["proj_mean"], tensors["proj_std"], tensors["cos_mean"], tensors["cos_std"], saved)
+
+
+def fit_directions(drifts: dict[str, np.ndarray], layers: list[int], settings: dict[str, Any] | None = None
+                   ) -> CapabilityDirections:
+    """Fit one direction per capability and layer from `drifts[name]: [m, L, d]` target drifts."""
+    names = list(drifts)
+    n_layers = len(layers)
+    d = next(iter(drifts.values())).shape[-1]
+    dirs = np.zeros((len(names), n_layers, d), dtype=np.float64)
+    explained = np.zeros((len(names), n_layers))
+    mean = np.zeros((len(names), n_layers))
+    std = np.zeros((len(names), n_layers))
+    cmean = np.zeros((len(names), n_layers))
+    cstd = np.zeros((len(names), n_layers))
+    for c, name in enumerate(names):
+        x = np.asarray(drifts[name], dtype=np.float64)
+        for k in range(n_layers):
+            dirs[c, k], explained[c, k] = first_component(x[:, k])
+            proj = x[:, k] @ dirs[c, k]
+            mean[c, k], std[c, k] = proj.mean(), proj.std()
+            norms = np.linalg.norm(x[:, k], axis=1)
+            cos = proj / np.where(norms > 0, norms, 1.0)
+            cmean[c, k], cstd[c, k] = cos.mean(), cos.std()
+    return CapabilityDirections(names, list(layers), dirs.astype(np.float32), explained, mean, std, cmean, cstd,
+                                dict(settings or {}))

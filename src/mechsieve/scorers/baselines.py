@@ -1,0 +1,263 @@
+"""Baseline scorers every comparison needs (METHODS.md section 5): random, full, loss, IFD, RDS+.
+
+- `random`: a seeded uniform score per example, hashed from (seed, id), so the same seed picks
+  the same examples whatever the pool's order.
+- `full`: every example (score 0; the pipeline selects all).
+- `loss`: mean next-token loss of the response under the base model (perplexity selection,
+  Marion et al. 2023, arXiv 2309.04564); `direction` high or low.
+- `ifd`: Instruction-Following Difficulty of Cherry LLM (Li et al., NAACL 2024,
+  arXiv 2308.12032): ppl(y | x) / ppl(y).
+- `rds`: RDS+ (Ivison et al. 2025, arXiv 2503.01807): cosine of mean-pooled last-layer hidden
+  states to the target set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from mechsieve.config import check_choice
+from mechsieve.data.records import Pool
+from mechsieve.scorers.base import NoSettings, Scorer, ScoreResult
+from mechsieve.scorers.common import (
+    ModelScorerConfig,
+    final_norm,
+    layer_pass,
+    pad_id_of,
+    render,
+    response_nll,
+    response_only,
+)
+
+
+def hashed_uniform(ids: list[str], seed: int) -> np.ndarray:
+    """[n] float64 in [0, 1): one draw per id from sha256(seed, id), independent of order."""
+    out = np.empty(len(ids), dtype=np.float64)
+    for i, ex_id in enumerate(ids):
+        digest = hashlib.sha256(f"{seed}\x00{ex_id}".encode()).digest()
+        out[i] = int.from_bytes(digest[:8], "big") / 2.0**64
+    return out
+
+
+class RandomScorer(Scorer):
+    """Random selection (seeded). Draws are hashed from (seed, example id) instead of taken from a
+    generator in pool order, so a shuffled pool gives the same subset under the same seed."""
+
+    name = "random"
+    config_cls = NoSettings
+
+    def score(self, pool: Pool, *, target: Pool | None = None, loaded: Any = None, seed: int = 0,
+              progress: bool = True) -> ScoreResult:
+        self.check_inputs(pool, target, loaded)
+        return ScoreResult(hashed_uniform([ex.id for ex in pool.examples], seed), {"seed": seed})
+
+
+class FullScorer(Scorer):
+    """Full data: every example (score 0 for all; the pipeline selects the whole pool)."""
+
+    name = "full"
+    config_cls = NoSettings
+
+    def score(self, pool: Pool, *, target: Pool | None = None, loaded: Any = None, seed: int = 0,
+              progress: bool = True) -> ScoreResult:
+        self.check_inputs(pool, target, loaded)
+        return ScoreResult(np.zeros(len(pool.examples), dtype=np.float64))
+
+
+@dataclass
+class LossConfig(ModelScorerConfig):
+    """Settings of the loss baseline."""
+
+    direction: Literal["high", "low"] = "high"
+    """Select the highest-loss (hard) or the lowest-loss (easy) responses first."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("loss.direction", self.direction, ("high", "low"))
+
+
+class LossScorer(Scorer):
+    """Loss / perplexity baseline (perplexity-based pruning, e.g. Marion et al. 2023, arXiv
+    2309.04564; the Loss baseline of IGDS): mean next-token NLL of the response tokens (end-of-turn
+    marker included) given the prompt, under the base model. Score = the loss; `direction` picks
+    the end (high: hard examples first; low: easy ones). Differences: the loss is on the response
+    only (not the whole text), and examples left with no response token after truncation get NaN
+    (ranked last, never selected)."""
+
+    name = "loss"
+    config_cls = LossConfig
+    needs_model = True
+
+    @property
+    def order(self) -> Literal["top", "bottom"]:
+        return "top" if self.config.direction == "high" else "bottom"
+
+    def score(self, pool: Pool, *, target: Pool | None = None, loaded: Any = None, seed: int = 0,
+              progress: bool = True) -> ScoreResult:
+        self.check_inputs(pool, target, loaded)
+        t0 = time.perf_counter()
+        rendered = render(pool.examples, loaded, self.config)
+        t1 = time.perf_counter()
+        sums, counts = response_nll(loaded.model, rendered, self.config, pad_id_of(loaded), progress, "loss")
+        loss = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        return ScoreResult(loss, {"no_response_tokens": int((counts == 0).sum()),
+                                  "response_tokens": int(counts.sum())},
+                           {"render": t1 - t0, "forward": time.perf_counter() - t1})
+
+
+@dataclass
+class IfdConfig(ModelScorerConfig):
+    """Settings of IFD."""
+
+    drop_above_one: bool = True
+    """Cherry LLM drops examples with IFD > 1 (the prompt makes the answer *harder* to predict):
+    they get NaN (ranked last, never selected). False keeps the raw ratio."""
+
+
+class IfdScorer(Scorer):
+    """IFD (Cherry LLM, Li et al. NAACL 2024): exp(mean NLL of y given x - mean NLL of y alone).
+
+    Differences from the paper's code: the conditional pass uses the model's chat template (the
+    paper uses its own prompt template) and scores the response with its end-of-turn marker; the
+    unconditional pass renders the response alone as plain text + EOS, so both losses cover an
+    end-of-answer token. The paper selects the top IFD after dropping IFD > 1 (`drop_above_one`).
+    Examples without a prompt (plain text) get NaN: their IFD is 1 by construction.
+    `IfdScorer(cfg, conditional_loss=loss)` reuses the `loss` scorer's scores ([n], same render
+    settings) as the conditional term and runs only the response-alone pass.
+    """
+
+    name = "ifd"
+    config_cls = IfdConfig
+    needs_model = True
+
+    def __init__(self, config: Any = None, conditional_loss: np.ndarray | None = None) -> None:
+        super().__init__(config)
+        self.conditional_loss = conditional_loss
+
+    def score(self, pool: Pool, *, target: Pool | None = None, loaded: Any = None, seed: int = 0,
+              progress: bool = True) -> ScoreResult:
+        self.check_inputs(pool, target, loaded)
+        t0 = time.perf_counter()
+        alone = render([response_only(ex) for ex in pool.examples], loaded, self.config)
+        pad = pad_id_of(loaded)
+        if self.conditional_loss is None:
+            cond = render(pool.examples, loaded, self.config)
+            t1 = time.perf_counter()
+            s_c, n_c = response_nll(loaded.model, cond, self.config, pad, progress, "ifd: y|x")
+            cond_loss = np.where(n_c > 0, s_c / np.maximum(n_c, 1), np.nan)
+        else:
+            t1 = time.perf_counter()
+            cond_loss = np.asarray(self.conditional_loss, dtype=np.float64)
+            if cond_loss.shape != (len(pool.examples),):
+                raise ValueError(f"ifd: conditional_loss has shape {cond_loss.shape} for {len(pool.examples)} examples")
+        t2 = time.perf_counter()
+        s_u, n_u = response_nll(loaded.model, alone, self.config, pad, progress, "ifd: y")
+        # Without a prompt, y|x and y are the same text: IFD would be 1 by construction, not a
+        # measurement, so such examples are not scored (NaN: ranked last, never selected).
+        has_prompt = np.array([bool(ex.prompt) for ex in pool.examples])
+        ok = ~np.isnan(cond_loss) & (n_u > 0) & has_prompt
+        ifd = np.full(len(pool.examples), np.nan)
+        ifd[ok] = np.exp(cond_loss[ok] - s_u[ok] / n_u[ok])
+        above = ok & (ifd > 1.0)
+        if self.config.drop_above_one:
+            ifd[above] = np.nan
+        return ScoreResult(ifd, {"above_one": int(above.sum()), "dropped": int(above.sum()) if
+                                 self.config.drop_above_one else 0, "no_prompt": int((~has_prompt).sum()),
+                                 "not_scored": int((~ok).sum())},
+                           {"render": t1 - t0, "forward_conditional": t2 - t1,
+                            "forward_response_only": time.perf_counter() - t2})
+
+
+@dataclass
+class RdsConfig(ModelScorerConfig):
+    """Settings of RDS+."""
+
+    pooling: Literal["mean_all", "mean_response"] = "mean_all"
+    """Mean over every token (RDS+) or over the response tokens only."""
+    aggregate: Literal["mean", "max"] = "mean"
+    """How the cosines to the target examples combine into one score."""
+    apply_final_norm: bool = True
+    """Pool the last layer after the model's final norm (Hugging Face `hidden_states[-1]`)."""
+    capabilities: Literal["source", "single"] = "source"
+    """`source`: each source of the target pool is its own capability (union selection); `single`: one set."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("rds.pooling", self.pooling, ("mean_all", "mean_response"))
+        check_choice("rds.aggregate", self.aggregate, ("mean", "max"))
+        check_choice("rds.capabilities", self.capabilities, ("source", "single"))
+
+
+def pooled_last_layer(loaded: Any, examples: list, cfg: Any, progress: bool, desc: str) -> np.ndarray:
+    """[n, d] float64 mean-pooled last-layer hidden states (after the final norm if asked).
+
+    `cfg`: a ModelScorerConfig with `pooling` and `apply_final_norm` (RdsConfig, KCenterConfig)."""
+    from mechsieve.capture.reductions import REDUCTIONS
+    from mechsieve.models.hooks import hook_points
+
+    model = loaded.model
+    last = hook_points(model).n_layers - 1
+    norm = final_norm(model) if cfg.apply_final_norm else None
+    rendered = render(examples, loaded, cfg)
+    d = int(model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config")
+            else model.config.hidden_size)
+    out = np.zeros((len(rendered), d), dtype=np.float64)
+
+    def on_layer(ctx, layer: int, acts: torch.Tensor) -> None:
+        h = norm(acts) if norm is not None else acts
+        out[ctx.indices] = REDUCTIONS[cfg.pooling](h.float(), ctx.batch).double().cpu().numpy()
+
+    layer_pass(model, rendered, [last], "resid", cfg, pad_id_of(loaded), on_layer, progress, desc)
+    return out
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+def target_groups(target: Pool, capabilities: str) -> dict[str, list[int]]:
+    """Target example indices per capability: per source, or all in one group."""
+    if capabilities == "single":
+        return {"target": list(range(len(target.examples)))}
+    groups: dict[str, list[int]] = {}
+    for i, ex in enumerate(target.examples):
+        groups.setdefault(ex.source, []).append(i)
+    return groups
+
+
+class RdsScorer(Scorer):
+    """RDS+ (Ivison et al. 2025, "Large-Scale Data Selection for Instruction Tuning"): embed each
+    example as the mean over tokens of the last-layer hidden state, score = cosine to the target
+    examples aggregated by mean (option: max). The paper uses round-robin over target tasks; here
+    each target source is a capability and selection takes the union of per-capability top-k.
+    `pool_embeddings` keeps the last call's [n, d] pool embeddings for reuse (e.g. by k-center)."""
+
+    name = "rds"
+    config_cls = RdsConfig
+    needs_model = True
+    needs_target = True
+
+    def score(self, pool: Pool, *, target: Pool | None = None, loaded: Any = None, seed: int = 0,
+              progress: bool = True) -> ScoreResult:
+        self.check_inputs(pool, target, loaded)
+        t0 = time.perf_counter()
+        self.pool_embeddings = pooled_last_layer(loaded, pool.examples, self.config, progress, "rds: pool")
+        emb_p = unit_rows(self.pool_embeddings)
+        t1 = time.perf_counter()
+        emb_t = unit_rows(pooled_last_layer(loaded, target.examples, self.config, progress, "rds: target"))
+        t2 = time.perf_counter()
+        cos = emb_p @ emb_t.T  # [n, m]
+        groups = target_groups(target, self.config.capabilities)
+        agg = np.mean if self.config.aggregate == "mean" else np.max
+        per = np.stack([agg(cos[:, idx], axis=1) for idx in groups.values()], axis=1)
+        scores = per.max(axis=1)
+        return ScoreResult(scores, {"target_examples": len(target.examples)},
+                           {"forward_pool": t1 - t0, "forward_target": t2 - t1,
+                            "similarity": time.perf_counter() - t2},
+                           per_target=per if per.shape[1] > 1 else None, target_names=list(groups))

@@ -1,0 +1,126 @@
+"""`select_examples`: score a pool with a registered method and apply a budget.
+
+Returns a `Selection` (ids best first, per-example scores, ranks, the selected mask, the method's
+explanations, timings and settings); `write_selection` writes it in the pool's own format with
+`scores.parquet` and `summary.json` beside it (the only disk writes, through data/ and store/).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mechsieve.data.records import Pool
+from mechsieve.scorers.registry import make_scorer
+from mechsieve.select.budget import SelectionError, choose, parse_budget
+
+
+@dataclass
+class Selection:
+    """The outcome of one selection, aligned with `pool.examples`."""
+
+    ids: list[str]
+    """Selected ids, best first."""
+    scores: np.ndarray
+    """[n] float64, one per pool example."""
+    ranks: np.ndarray
+    """[n] int64, 1 = best."""
+    selected: np.ndarray
+    """[n] bool."""
+    explanations: dict[str, Any] = field(default_factory=dict)
+    """Method-specific details, JSON-able."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per phase."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """JSON-able settings that made it (method, budget, order, seed, scorer settings)."""
+
+    def counts_by_source(self, pool: Pool) -> dict[str, int]:
+        """Selected examples per source, in the pool's order of sources."""
+        counts = {ex.source: 0 for ex in pool.examples}
+        for ex, chosen in zip(pool.examples, self.selected):
+            counts[ex.source] += int(chosen)
+        return counts
+
+
+def select_examples(
+    method: str,
+    pool: Pool,
+    budget: float | int | str,
+    *,
+    target: Pool | None = None,
+    loaded: Any = None,
+    seed: int = 0,
+    settings: dict[str, Any] | None = None,
+    progress: bool = True,
+    order: str | None = None,
+) -> Selection:
+    """Score `pool` with registered method `method` and select `budget` of it.
+
+    budget: a fraction in (0, 1], a count, a threshold string like "score>=0.5", or "full".
+    order: "top" (highest scores first) or "bottom"; default the method's own (loss: its
+    `direction` setting). Method "full" selects every example whatever the budget.
+    Raises SelectionError on an empty pool or a budget larger than the pool.
+    """
+    if len(pool.examples) == 0:
+        raise SelectionError("the pool is empty: nothing to select (check the path and --limit)")
+    if method == "full":
+        budget = "full"
+    parsed = parse_budget(budget)
+    parsed.size(len(pool.examples))  # refuse a too-large count before any model work
+    scorer = make_scorer(method, settings)
+    t0 = time.perf_counter()
+    result = scorer.score(pool, target=target, loaded=loaded, seed=seed, progress=progress)
+    t_score = time.perf_counter() - t0
+    scores = np.asarray(result.scores, dtype=np.float64)
+    if scores.shape != (len(pool.examples),):
+        raise SelectionError(f"{method} returned scores of shape {scores.shape} for {len(pool.examples)} examples")
+    ids = [ex.id for ex in pool.examples]
+    use_order = order or scorer.order
+    t1 = time.perf_counter()
+    picked = choose(scores, ids, parsed, use_order, result.per_target)
+    t_select = time.perf_counter() - t1
+    chosen = [ids[i] for i in picked.order if picked.selected[i]]
+    timings = {**{k: round(float(v), 4) for k, v in result.timings.items()},
+               "score_total": round(t_score, 4), "select": round(t_select, 4)}
+    recorded = {"method": method, "budget": budget if not isinstance(budget, np.generic) else budget.item(),
+                "budget_kind": parsed.kind, "order": use_order, "seed": seed,
+                "targets": result.target_names, "scorer": scorer.settings()}
+    return Selection(chosen, scores, picked.ranks, picked.selected, result.explanations, timings, recorded)
+
+
+def write_selection(pool: Pool, sel: Selection, out_dir: str | Path, extra: dict[str, Any] | None = None
+                    ) -> dict[str, Path]:
+    """Write the subset (pool's own format), `scores.parquet` and `summary.json` under `out_dir`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mechsieve.data.writers import subset_filename, write_subset
+    from mechsieve.store.atomic import atomic_path, write_json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    subset = write_subset(pool, sel.ids, out / subset_filename(pool))
+    table = pa.table({
+        "id": [ex.id for ex in pool.examples],
+        "source": [ex.source for ex in pool.examples],
+        "score": pa.array(sel.scores, pa.float64()),
+        "rank": pa.array(sel.ranks, pa.int64()),
+        "selected": pa.array(sel.selected, pa.bool_()),
+    })
+    with atomic_path(out / "scores.parquet") as tmp:
+        pq.write_table(table, tmp)
+    summary = {
+        "settings": sel.settings,
+        "timings": sel.timings,
+        "pool": {"path": pool.path, "format": pool.format, "examples": len(pool.examples),
+                 "fingerprint": pool.fingerprint(), "by_source": pool.counts_by_source()},
+        "selected": {"examples": int(sel.selected.sum()), "by_source": sel.counts_by_source(pool)},
+        "explanations": sel.explanations,
+        **(extra or {}),
+    }
+    write_json(out / "summary.json", summary)
+    return {"subset": subset, "scores": out / "scores.parquet", "summary": out / "summary.json"}
