@@ -1,0 +1,219 @@
+"""Probe attributions of Concept Influence (arXiv 2602.14869): Vector Filter and Projection
+Difference, plus building (and caching) the concept they project on.
+
+- `vector-filter` (`VectorFilter`): `f_v(z) = abar_l(z) . v/|v|`, the mean response activation
+  of each training example at the concept layer projected on the concept; forward only, and the
+  pass stops at the concept layer.
+- `projection-diff` (`ProjectionDiff`): `(abar(x, y) - abar(x, y')) . v/|v|` where `y'` is the
+  model's own sampled response to the example's prompt (seeded; `temperature` 0 is greedy).
+  Differences from the paper: one sample per prompt, truncated at `max_new_tokens`.
+
+The concept comes from `concept_dir` (a saved concept, see features/probes.py) or is fitted
+from the `positive` / `negative` data files at `probe.layer` and cached under the mechsieve cache,
+keyed by the model, both data fingerprints and the settings.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mechsieve.config import ConfigError, to_dict
+from mechsieve.data.records import Example, Pool
+from mechsieve.features.probes import Concept, ConceptConfig
+from mechsieve.scorers.base import Scorer, ScorerError, ScoreResult
+
+
+@dataclass
+class ConceptSource:
+    """Where the concept comes from: a saved one, or contrastive data files."""
+
+    concept_dir: str = ""
+    """Folder of a saved concept (concept.safetensors + concept.json); wins over the files."""
+    positive: str = ""
+    """Data file of behaviour-showing examples (prompt + response)."""
+    negative: str = ""
+    """Data file of behaviour-free examples."""
+    probe: ConceptConfig = field(default_factory=ConceptConfig)
+    """How the direction is fitted (layer, method, hold-out)."""
+    max_len: int = 256
+    """Longest rendered example (tokens) for every pass of these scorers."""
+    max_tokens: int = 4096
+    """Token budget of one forward batch."""
+
+    def __post_init__(self) -> None:
+        if self.max_len < 2 or self.max_tokens < 1:
+            raise ConfigError("max_len must be >= 2 and max_tokens >= 1")
+
+
+def _render_cfg(src: ConceptSource):
+    from mechsieve.data.render import RenderConfig
+
+    return RenderConfig(max_len=src.max_len)
+
+
+def mean_response_acts(loaded: Any, examples: list[Example], layer: int, src: ConceptSource,
+                       progress: bool = True) -> tuple[np.ndarray, float]:
+    """abar_layer for each example -> ([n, d] float32, seconds of the pass); zeros for an example
+    left without response tokens."""
+    acts, seconds, _ = _capture_mean_response(loaded, examples, layer, src, progress)
+    return acts, seconds
+
+
+def _capture_mean_response(loaded: Any, examples: list[Example], layer: int, src: ConceptSource,
+                           progress: bool) -> tuple[np.ndarray, float, np.ndarray]:
+    from mechsieve.capture.activations import CaptureConfig, capture
+    from mechsieve.data.render import render_pool
+
+    rendered, _ = render_pool(examples, loaded.tokenizer, _render_cfg(src))
+    cfg = CaptureConfig(layers=[layer], reductions=["mean_response"], max_tokens=src.max_tokens)
+    start = time.perf_counter()
+    result = capture(loaded.model, rendered, cfg, pad_id=loaded.tokenizer.pad_token_id, progress=progress)
+    return result.arrays["mean_response"][:, 0], time.perf_counter() - start, result.n_response_tokens
+
+
+def build_concept(loaded: Any, positive: Pool, negative: Pool, src: ConceptSource,
+                  progress: bool = True, use_cache: bool = True) -> Concept:
+    """Fit the concept of `src.probe` on the two pools (cached: same model, data and settings
+    give the saved concept back)."""
+    from mechsieve.features.probes import fit_concept, load_concept, load_decoder, save_concept
+    from mechsieve.models.hooks import hook_points
+    from mechsieve.models.loading import cache_root
+    from mechsieve.store.cache import Cache
+
+    layer = hook_points(loaded.model).normalize_layers([src.probe.layer])[0]
+    settings = {"probe": to_dict(src.probe), "layer": layer, "max_len": src.max_len,
+                "positive": positive.fingerprint(), "negative": negative.fingerprint()}
+    entry = Cache(cache_root()).entry("concepts", loaded.identity, positive.fingerprint(), settings,
+                                      name="concept")
+    if use_cache and entry.exists():
+        return load_concept(entry.folder, expected=entry.key)
+    # examples whose response was cut away entirely (prompt longer than max_len) carry no signal
+    pos, _, n_pos = _capture_mean_response(loaded, positive.examples, layer, src, progress)
+    neg, _, n_neg = _capture_mean_response(loaded, negative.examples, layer, src, progress)
+    decoder = load_decoder(src.probe.sae_decoder) if src.probe.method == "sae" else None
+    concept = fit_concept(pos[n_pos > 0], neg[n_neg > 0], layer, src.probe, decoder)
+    concept.counts["dropped_without_response"] = int((n_pos == 0).sum() + (n_neg == 0).sum())
+    concept.settings = entry.key
+    if use_cache:
+        save_concept(entry.folder, concept)
+    return concept
+
+
+def resolve_concept(loaded: Any, src: ConceptSource, progress: bool = True) -> Concept:
+    """The concept of `src`: loaded from `concept_dir`, else fitted from the two data files."""
+    from mechsieve.data.readers import read_pool
+    from mechsieve.features.probes import load_concept
+
+    if src.concept_dir:
+        return load_concept(src.concept_dir)
+    if not (src.positive and src.negative):
+        raise ScorerError("a concept is needed: set concept_dir (a saved concept) or both positive and "
+                          "negative data files (CLI: --concept POS NEG)")
+    return build_concept(loaded, read_pool(src.positive), read_pool(src.negative), src, progress)
+
+
+def _concept_explanations(concept: Concept) -> dict[str, Any]:
+    return {"layer": concept.layer, "separation": concept.separation, "counts": concept.counts,
+            "concept_dir": concept.folder}
+
+
+@dataclass
+class VectorFilterConfig(ConceptSource):
+    """Settings of `vector-filter` (the concept source only)."""
+
+
+class VectorFilter(Scorer):
+    """Vector Filter (Concept Influence, arXiv 2602.14869): training example -> f_v(z), forward only."""
+
+    name = "vector-filter"
+    config_cls = VectorFilterConfig
+    needs_model = True
+
+    def score(self, pool: Pool, *, target: Pool | None = None, loaded: Any = None, seed: int = 0,
+              progress: bool = True) -> ScoreResult:
+        self.check_inputs(pool, target, loaded)
+        start = time.perf_counter()
+        concept = resolve_concept(loaded, self.config, progress)
+        t_concept = time.perf_counter() - start
+        acts, t_pass = mean_response_acts(loaded, pool.examples, concept.layer, self.config, progress)
+        return ScoreResult(concept.score(acts), _concept_explanations(concept),
+                           {"concept": t_concept, "score": t_pass})
+
+
+@dataclass
+class ProjectionDiffConfig(ConceptSource):
+    """Settings of `projection-diff`."""
+
+    temperature: float = 1.0
+    """Sampling temperature of the model's own response y' (0: greedy)."""
+    max_new_tokens: int = 128
+    """Longest sampled response."""
+    generate_batch: int = 16
+    """Prompts per generation batch."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.temperature < 0 or self.max_new_tokens < 1 or self.generate_batch < 1:
+            raise ConfigError("projection-diff: temperature must be >= 0, max_new_tokens and "
+                              "generate_batch >= 1")
+
+
+def sample_responses(loaded: Any, examples: list[Example], max_new_tokens: int, temperature: float,
+                     seed: int, batch: int = 16, max_len: int = 256, progress: bool = True) -> list[str]:
+    """The model's own response to each prompt (left-padded batches, seeded sampling)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from mechsieve.capture.batching import collate
+    from mechsieve.data.render import RenderConfig, render_example
+
+    tok, model = loaded.tokenizer, loaded.model
+    prompts = [render_example(ex, tok, RenderConfig(max_len=max_len), add_generation_prompt=True)
+               for ex in examples]
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    out = [""] * len(prompts)
+    torch.manual_seed(seed)
+    sample = temperature > 0
+    kwargs = {"do_sample": sample, "max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id}
+    if sample:
+        kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
+    for s in tqdm(range(0, len(order), batch), desc="sample y'", disable=not progress, leave=False):
+        idx = order[s:s + batch]
+        b = collate([prompts[i] for i in idx], tok.pad_token_id, "left").to(loaded.device)
+        with torch.no_grad():
+            gen = model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, **kwargs)
+        for row, i in enumerate(idx):
+            out[i] = tok.decode(gen[row, b.input_ids.shape[1]:], skip_special_tokens=True)
+    return out
+
+
+class ProjectionDiff(Scorer):
+    """Projection Difference (Concept Influence, arXiv 2602.14869): (abar(x, y) - abar(x, y')) . v/|v|
+    with y' the model's own seeded sample; one sample per prompt (the paper leaves the count open)."""
+
+    name = "projection-diff"
+    config_cls = ProjectionDiffConfig
+    needs_model = True
+
+    def score(self, pool: Pool, *, target: Pool | None = None, loaded: Any = None, seed: int = 0,
+              progress: bool = True) -> ScoreResult:
+        self.check_inputs(pool, target, loaded)
+        cfg = self.config
+        start = time.perf_counter()
+        concept = resolve_concept(loaded, cfg, progress)
+        t_concept = time.perf_counter() - start
+        acts, t_own = mean_response_acts(loaded, pool.examples, concept.layer, cfg, progress)
+        start = time.perf_counter()
+        own = sample_responses(loaded, pool.examples, cfg.max_new_tokens, cfg.temperature, seed,
+                               cfg.generate_batch, cfg.max_len, progress)
+        t_sample = time.perf_counter() - start
+        sampled = [Example(ex.id, ex.source, ex.prompt, y) for ex, y in zip(pool.examples, own)]
+        acts_own, t_theirs = mean_response_acts(loaded, sampled, concept.layer, cfg, progress)
+        scores = concept.score(acts) - concept.score(acts_own)
+        expl = {**_concept_explanations(concept), "empty_samples": sum(1 for y in own if not y.strip())}
+        return ScoreResult(scores, expl, {"concept": t_concept, "sample": t_sample,
+                                          "score": t_own + t_theirs})
