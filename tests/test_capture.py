@@ -192,3 +192,19 @@ def test_hook_points_for_every_architecture(make_model):
         assert hp.n_layers == 3 and hp.normalize_layers([-1, 0]) == [0, 2]
         with pytest.raises(ValueError, match="out of range"):
             hp.normalize_layers([3])
+
+
+def test_no_output_head_unless_logits_are_wanted(make_model, rendered, tokenizer):
+    from mechsieve.capture import ForwardSpec, run_forward
+
+    model = make_model("llama")
+    calls = []
+    h = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    capture(model, rendered, CaptureConfig(layers="all"), pad_id=tokenizer.pad_token_id, progress=False)
+    assert calls == []  # stopped after the last block: no final norm, no [b, t, vocab] logits
+    seen = []
+    plan = plan_batches([len(r) for r in rendered], 512)
+    run_forward(model, rendered, plan, ForwardSpec(layers=[2], need_logits=True), tokenizer.pad_token_id,
+                on_logits=lambda ctx, logits: seen.append(logits.shape[-1]), progress=False)
+    h.remove()
+    assert len(calls) == len(plan.batches) and set(seen) == {len(tokenizer)}

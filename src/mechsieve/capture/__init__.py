@@ -1,4 +1,4 @@
-"""Activations (and, later, gradients) read out of a model, batched by length, reduced on the fly."""
+"""Activations and per-example gradients read out of a model, batched by length, reduced on the fly."""
 
 from mechsieve.capture.activations import CaptureConfig, CaptureResult, capture, capture_pool
 from mechsieve.capture.batching import BatchPlan, Collated, collate, plan_batches

@@ -114,8 +114,10 @@ def run_forward(
             handles.append(hp.mlp_down(layer).register_forward_pre_hook(layer_hook(layer, True)))
     for layer in spec.attention_layers:
         handles.append(hp.attention(layer).register_forward_hook(attention_hook(layer)))
-    if stop_at is not None and stop_at >= 0 and stop_at < hp.n_layers - 1:
-        # Registered last, so it runs after the capture hooks of the same block.
+    if stop_at is not None and stop_at >= 0:
+        # Registered last, so it runs after the capture hooks of the same block. Stopping after
+        # the last block too skips the final norm and the output head, whose [b, t, vocab]
+        # logits would be the largest tensor of the pass.
         handles.append(hp.block(stop_at).register_forward_hook(stop_hook))
     numbers = list(range(len(plan.batches))) if batches is None else list(batches)
     lengths = {i: len(rendered[i]) for b in numbers for i in plan.batches[b]}

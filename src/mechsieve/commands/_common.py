@@ -10,10 +10,11 @@ from mechsieve.config import ConfigError, load_config
 from mechsieve.data.formats import RecordError
 from mechsieve.data.readers import DataError
 from mechsieve.models.loading import ModelError
+from mechsieve.scorers.base import ScorerError
 from mechsieve.store.artefacts import SettingsMismatch
 
 T = TypeVar("T")
-USER_ERRORS = (ConfigError, DataError, RecordError, ModelError, SettingsMismatch, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, RecordError, ModelError, ScorerError, SettingsMismatch, FileNotFoundError)
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:

@@ -111,7 +111,12 @@ def save_tokenized(path: str | Path, items: Sequence[TrainItem], extra: dict[str
             ds = ds.add_column(name, columns[name])
     path = Path(path)
     with atomic_dir(path) as tmp:
-        ds.save_to_disk(str(tmp))
+        # datasets' own per-shard bar is noise beside the command's progress; keep it quiet.
+        datasets.disable_progress_bars()
+        try:
+            ds.save_to_disk(str(tmp))
+        finally:
+            datasets.enable_progress_bars()
     return path
 
 
