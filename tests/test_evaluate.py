@@ -28,13 +28,6 @@ from mechsieve.models.loading import LoadedModel
 SAMPLES = Path(__file__).resolve().parents[1] / "src" / "mechsieve" / "data" / "samples"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # See test_train.py: threads only slow tiny models down on a shared machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from mechsieve.config import from_dict
@@ -17,13 +16,6 @@ from mechsieve.experiment import ExperimentConfig, equal_steps, run_experiment, 
 SAMPLES = Path(__file__).resolve().parents[1] / "src" / "mechsieve" / "data" / "samples"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # See test_train.py: threads only slow tiny models down on a shared machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _config(model_dir: Path, out: Path, **extra) -> dict:

@@ -30,14 +30,6 @@ from mechsieve.train.loop import batch_nll_sum, lr_lambda, micro_batches
 SAMPLES = Path(__file__).resolve().parents[1] / "src" / "mechsieve" / "data" / "samples"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP spin-waiting
-    # made a forward+backward 25x slower (2.6 s vs 0.1 s) with two threads.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _loaded(make_model, tokenizer, arch="llama") -> LoadedModel:
