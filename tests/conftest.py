@@ -122,6 +122,24 @@ def make_model(tokenizer):
 
 
 @pytest.fixture(scope="session")
+def loaded(make_model, tokenizer):
+    """The tiny Llama with its tokenizer, as scorers receive a model."""
+    from mechsieve.models.loading import LoadedModel
+
+    return LoadedModel(make_model("llama"), tokenizer, {"name": "tiny-llama", "kind": "test"})
+
+
+def probe_pool(n: int = 6, tag: str = "x", shift: int = 0):
+    """A small in-memory pool mixing math-like and code-like answers of three lengths."""
+    from mechsieve.data.records import Example, Pool
+
+    exs = [Example(f"{tag}{i}", "s", [{"role": "user", "content": "Natalia sold clips " * (i % 3 + 1)}],
+                   ("The answer is 12 + 30 = 42. " if i % 2 else "def similar_elements(a, b): ") * (i % 3 + 1))
+           for i in range(shift, shift + n)]
+    return Pool(exs, "mem", "memory", "messages")
+
+
+@pytest.fixture(scope="session")
 def model_dir(tmp_path_factory, tokenizer, make_model) -> Path:
     """A saved tiny Llama with its tokenizer, loadable by mechsieve.models.load_model."""
     folder = tmp_path_factory.mktemp("tiny-llama")

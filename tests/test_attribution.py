@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import probe_pool as _pool
 from mechsieve.evaluate.attribution import (
     attribution_metrics,
     average_precision,
@@ -70,20 +71,8 @@ def test_removal_experiment_with_a_counting_trainer():
 # --- probe scorers on the tiny model -------------------------------------------------------
 
 
-def _pool(n=6, tag="a", shift=0):
-    from mechsieve.data.records import Example, Pool
-
-    exs = [Example(f"{tag}{i}", "s", [{"role": "user", "content": "Natalia sold clips " * (i % 3 + 1)}],
-                   ("The answer is 12 + 30 = 42. " if i % 2 else "def similar_elements(a, b): ") * (i % 3 + 1))
-           for i in range(shift, shift + n)]
-    return Pool(exs, "mem", "memory", "messages")
 
 
-@pytest.fixture
-def loaded(make_model, tokenizer):
-    from mechsieve.models.loading import LoadedModel
-
-    return LoadedModel(make_model("llama"), tokenizer, {"name": "tiny-llama"})
 
 
 def _write(pool, path):

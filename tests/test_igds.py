@@ -13,7 +13,6 @@ from conftest import write_jsonl
 from mechsieve.data.records import Example, Pool
 from mechsieve.data.render import RenderConfig, render_example
 from mechsieve.features.sae import random_sae, write_sae
-from mechsieve.models.loading import LoadedModel
 from mechsieve.scorers import make_scorer
 from mechsieve.scorers.igds import Igds, feature_resonant_score, frequency_recall, keep_features
 from mechsieve.scorers.igds_steer import dev_loss, steer, steering
@@ -31,9 +30,6 @@ def pool_of(rows, source: str) -> Pool:
                  for i, (q, a) in enumerate(rows)], "", "memory", "memory")
 
 
-@pytest.fixture(scope="module")
-def loaded(make_model, tokenizer) -> LoadedModel:
-    return LoadedModel(make_model("llama"), tokenizer, {"name": "tiny-llama", "kind": "test"})
 
 
 @pytest.fixture(scope="module")

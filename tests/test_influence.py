@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import probe_pool as _pool
 from mechsieve.capture.gradients import (
     KronProjector,
     concept_objective,
@@ -18,23 +19,12 @@ from mechsieve.capture.gradients import (
     per_example_grads_loop,
     response_loss,
 )
-from mechsieve.data.records import Example, Pool
 
 PAD = 3
 
 
-def _pool(n=6, shift=0, tag="x"):
-    exs = [Example(f"{tag}{i}", "s", [{"role": "user", "content": "Natalia sold clips " * (i % 3 + 1)}],
-                   ("The answer is 12 + 30 = 42. " if i % 2 else "def similar_elements(a, b): ") * (i % 3 + 1))
-           for i in range(shift, shift + n)]
-    return Pool(exs, "mem", "memory", "messages")
 
 
-@pytest.fixture
-def loaded(make_model, tokenizer):
-    from mechsieve.models.loading import LoadedModel
-
-    return LoadedModel(make_model("llama"), tokenizer, {"name": "tiny-llama"})
 
 
 def _rendered(pool, tokenizer, max_len=64):

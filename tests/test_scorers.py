@@ -92,9 +92,6 @@ def make_pool(n: int = 7, start: int = 0, source: str = "pool") -> Pool:
     return Pool(examples, "", "memory", "memory")
 
 
-@pytest.fixture(scope="module")
-def loaded(make_model, tokenizer) -> LoadedModel:
-    return LoadedModel(make_model("llama"), tokenizer, {"name": "tiny-llama", "kind": "test"})
 
 
 @pytest.fixture(scope="module")
