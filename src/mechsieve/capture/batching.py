@@ -72,31 +72,37 @@ class Collated:
         return self.offsets + rel
 
 
+def pad_rows(rows: Sequence[np.ndarray], fill, padding_side: str = "right") -> tuple[np.ndarray, np.ndarray]:
+    """Stack 1-D rows into one [b, width] array with `fill` around them; also each row's start
+    column (0 with right padding). The dtype is the rows'."""
+    width = max(len(r) for r in rows)
+    out = np.full((len(rows), width), fill, dtype=rows[0].dtype)
+    starts = np.zeros(len(rows), dtype=np.int64)
+    for i, r in enumerate(rows):
+        start = width - len(r) if padding_side == "left" else 0
+        starts[i] = start
+        out[i, start:start + len(r)] = r
+    return out, starts
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting real tokens only, so an example gets the same positions however padded."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def collate(items: Sequence[Rendered], pad_id: int, padding_side: str = "right") -> Collated:
     """Pad rendered examples into one batch; position ids count real tokens only, so the same
     example gives the same activations whatever its padding."""
-    lengths = [len(r) for r in items]
-    width = max(lengths)
-    b = len(items)
-    ids = np.full((b, width), pad_id, dtype=np.int64)
-    att = np.zeros((b, width), dtype=np.int64)
-    resp = np.zeros((b, width), dtype=bool)
-    offsets = np.zeros(b, dtype=np.int64)
-    for row, r in enumerate(items):
-        n = len(r)
-        start = width - n if padding_side == "left" else 0
-        offsets[row] = start
-        ids[row, start:start + n] = r.input_ids
-        att[row, start:start + n] = 1
-        resp[row, start:start + n] = r.response_mask
+    ids, offsets = pad_rows([r.input_ids for r in items], pad_id, padding_side)
+    att, _ = pad_rows([np.ones(len(r), dtype=np.int64) for r in items], 0, padding_side)
+    resp, _ = pad_rows([r.response_mask for r in items], False, padding_side)
     att_t = torch.from_numpy(att)
-    pos = (att_t.cumsum(-1) - 1).clamp(min=0)
     return Collated(
         input_ids=torch.from_numpy(ids),
         attention_mask=att_t,
-        position_ids=pos,
+        position_ids=position_ids(att_t),
         response_mask=torch.from_numpy(resp),
-        lengths=torch.tensor(lengths, dtype=torch.long),
+        lengths=torch.tensor([len(r) for r in items], dtype=torch.long),
         offsets=torch.from_numpy(offsets),
         prompt_len=torch.tensor([r.prompt_len for r in items], dtype=torch.long),
         content_start=torch.tensor([r.content_start for r in items], dtype=torch.long),

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mechsieve.capture.batching import pad_rows, position_ids
 from mechsieve.data.readers import DataError
 from mechsieve.data.records import Example
 from mechsieve.data.render import RenderConfig, render_pool
@@ -76,17 +77,11 @@ class ItemBatch:
 def collate_items(items: Sequence[TrainItem], indices: Sequence[int], pad_id: int) -> ItemBatch:
     """Right-pad `items[i] for i in indices`; ids and labels move together, so masks survive."""
     chosen = [items[i] for i in indices]
-    width = max(len(it) for it in chosen)
-    ids = np.full((len(chosen), width), pad_id, dtype=np.int64)
-    labels = np.full((len(chosen), width), IGNORE, dtype=np.int64)
-    att = np.zeros((len(chosen), width), dtype=np.int64)
-    for row, it in enumerate(chosen):
-        ids[row, : len(it)] = it.input_ids
-        labels[row, : len(it)] = it.labels
-        att[row, : len(it)] = 1
+    ids, _ = pad_rows([np.asarray(it.input_ids, dtype=np.int64) for it in chosen], pad_id)
+    labels, _ = pad_rows([np.asarray(it.labels, dtype=np.int64) for it in chosen], IGNORE)
+    att, _ = pad_rows([np.ones(len(it), dtype=np.int64) for it in chosen], 0)
     att_t = torch.from_numpy(att)
-    return ItemBatch(torch.from_numpy(ids), torch.from_numpy(labels), att_t,
-                     (att_t.cumsum(-1) - 1).clamp(min=0), list(indices))
+    return ItemBatch(torch.from_numpy(ids), torch.from_numpy(labels), att_t, position_ids(att_t), list(indices))
 
 
 def save_tokenized(path: str | Path, items: Sequence[TrainItem], extra: dict[str, list] | None = None) -> Path:
