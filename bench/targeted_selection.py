@@ -14,8 +14,16 @@ Phase `train`: LoRA on the NAIT selection, on random 10% (3 seeds) and on the fu
 the same number of optimizer steps, each from a freshly loaded base model; held-out loss per
 answer token on `--heldout` GSM8K test answers (the base model's too).
 
+LESS (`--methods less`, not in the default list: its warm-up and dense projections are the
+costliest step): warm-up LoRA (`--less-modules`, `--less-rank`) on a seeded 5% of the pool for
+`--less-epochs` epochs, Adam-preconditioned LoRA gradients projected to `--less-proj-dim`, the
+target's plain gradients, cosine weighted by each epoch's mean learning rate (METHODS.md 5).
+A `--methods` or `--runs` list other than the default merges into the saved results (other
+methods' entries, score columns and runs are kept; `--no-merge` replaces them):
+
     flock /tmp/mechsieve-bench.lock python bench/targeted_selection.py --phase select
     flock /tmp/mechsieve-bench.lock python bench/targeted_selection.py --phase train
+    flock /tmp/mechsieve-bench.lock python bench/targeted_selection.py --methods less   # select + train
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ RESULTS = ROOT / "bench" / "results"
 OUT_JSON = RESULTS / "targeted_selection.json"
 SCORES = RESULTS / "targeted_selection_scores.parquet"
 SOURCES = ["gsm8k", "mbpp", "medqa", "alpaca", "lima", "insecure", "tinystories"]
+DEFAULT_METHODS = "random,nait,rds,kcenter,loss_high,loss_low,ifd"
+DEFAULT_RUNS = "nait,random,full"
 
 
 def medqa_example(ex):
@@ -91,8 +101,9 @@ def build_pool(per_source: int, n_target: int, seed: int):
                                                                      "memory", "question_answer")
 
 
-def run_select(args, loaded, pool, target, save) -> dict:
-    """Every method in turn (NAIT first, IFD, the costliest, last); `save(partial)` after each."""
+def run_select(args, loaded, pool, target, save, previous: dict | None = None) -> dict:
+    """Every method in turn (NAIT first, IFD, the costliest, last); `save(partial)` after each.
+    With `previous` (a merge), its methods and the saved score columns are kept."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -106,9 +117,10 @@ def run_select(args, loaded, pool, target, save) -> dict:
     _, rstats = render_pool(pool.examples, loaded.tokenizer, RenderConfig(max_len=args.max_len))
     ids = [ex.id for ex in pool.examples]
     sources = np.array([ex.source for ex in pool.examples])
-    out = {"render": rstats.summary(), "truncated": rstats.truncated, "methods": {}}
+    out = {**(previous or {}), "render": rstats.summary(), "truncated": rstats.truncated,
+           "methods": dict((previous or {}).get("methods", {}))}
     methods: dict[str, dict] = out["methods"]
-    columns: dict[str, np.ndarray] = {}
+    columns: dict[str, np.ndarray] = saved_columns(ids) if previous is not None else {}
 
     def record(label: str, scores, selected, order, seconds, extra=None):
         chosen = [ids[i] for i in order if selected[i]]
@@ -158,6 +170,13 @@ def run_select(args, loaded, pool, target, save) -> dict:
                {"explanations": res.explanations, "note": "wall_s includes the RDS+ pool pass"})
     if {"loss_high", "loss_low", "ifd"} & set(wanted):
         through_pipeline("loss_high", "loss")
+    if "less" in wanted:
+        print("[select] less", flush=True)
+        t0 = time.perf_counter()
+        sel = select_examples("less", pool, args.budget, target=target, loaded=loaded, seed=0,
+                              settings=less_settings(args), progress=not args.quiet)
+        record("less", sel.scores, sel.selected, np.argsort(sel.ranks), time.perf_counter() - t0,
+               {"timings": sel.timings, "explanations": sel.explanations, "settings": less_settings(args)})
     if "ifd" in wanted:
         # IFD's conditional term is exactly the loss scorer's score (same render and mask; a unit
         # test checks it), so only the response-alone pass runs here; wall_s adds the loss pass.
@@ -173,6 +192,28 @@ def run_select(args, loaded, pool, target, save) -> dict:
                {"timings": res.timings, "explanations": res.explanations,
                 "note": "wall_s includes the loss pass (the conditional term)"})
     return out
+
+
+def less_settings(args) -> dict:
+    """LESS's settings in B1: the pool's render, smaller backward batches than the forward-only
+    methods (a backward keeps every layer's activations), warm-up and projection from the flags."""
+    return {"render": {"max_len": args.max_len}, "max_tokens": min(args.max_tokens, 2048), "max_batch": 16,
+            "proj_dim": args.less_proj_dim, "project_mb": args.less_project_mb,
+            "train": {"epochs": args.less_epochs, "lora_r": args.less_rank, "lora_alpha": 2.0 * args.less_rank,
+                      "target_modules": args.less_modules, "max_tokens": args.train_batch * args.max_len,
+                      "max_batch": args.train_batch, "seed": args.seed}}
+
+
+def saved_columns(ids: list[str]) -> dict[str, np.ndarray]:
+    """Score columns of an earlier run (a merge keeps them), when they belong to this pool."""
+    import pyarrow.parquet as pq
+
+    if not SCORES.exists():
+        return {}
+    table = pq.read_table(SCORES).to_pydict()
+    if table.get("id") != ids:
+        raise SystemExit(f"{SCORES} holds scores of another pool; rerun without --merge (or move it away)")
+    return {k: np.asarray(v, dtype=np.float64) for k, v in table.items() if k not in ("id", "source")}
 
 
 def run_variants(args, loaded, pool, target, save) -> dict:
@@ -250,8 +291,10 @@ def heldout_examples(n: int):
     return read_pool(DATA / "gsm8k" / "test.jsonl", source="gsm8k_test", limit=n).examples
 
 
-def run_train(args, pool, methods: dict) -> dict:
-    """LoRA runs at equal optimizer steps, each from a freshly loaded base model; held-out loss."""
+def run_train(args, pool, methods: dict, previous: dict | None = None) -> dict:
+    """LoRA runs at equal optimizer steps, each from a freshly loaded base model; held-out loss.
+    `--runs` picks them (a selection method's label, `random` = 3 seeds, `full`); with `previous`
+    (a merge) the other runs' results are kept and the base model's held-out loss is reused."""
     from mechsieve.data import RenderConfig
     from mechsieve.evaluate import heldout_loss
     from mechsieve.models import load_model
@@ -262,18 +305,31 @@ def run_train(args, pool, methods: dict) -> dict:
     eval_cfg = RenderConfig(max_len=512)  # held-out answers complete, not cut at the pool's limit
     heldout = heldout_examples(args.heldout)
     by_id = {ex.id: ex for ex in pool.examples}
-    subsets = {"nait": methods["nait"]["selected_ids"]}
-    for seed in range(3):
-        subsets[f"random_seed{seed}"] = select_examples("random", pool, args.budget, seed=seed).ids
-    subsets["full"] = [ex.id for ex in pool.examples]
+    subsets: dict[str, list[str]] = {}
+    for run in args.runs.split(","):
+        if run == "random":
+            for seed in range(3):
+                subsets[f"random_seed{seed}"] = select_examples("random", pool, args.budget, seed=seed).ids
+        elif run == "full":
+            subsets["full"] = [ex.id for ex in pool.examples]
+        elif run in methods:
+            subsets[run] = methods[run]["selected_ids"]
+        else:
+            raise SystemExit(f"--runs {run}: no selection of that method in the results; run --phase select "
+                             f"--methods {run} first")
     out: dict = {"heldout_max_len": 512, "steps": args.steps, "examples_per_step": args.train_batch, "heldout_examples": len(heldout),
                  "lora": {}, "runs": {}, "heldout_loss": {}}
+    if previous is not None:
+        out.update({k: v for k, v in previous.items() if k not in ("runs", "heldout_loss")})
+        out["runs"] = dict(previous.get("runs", {}))
+        out["heldout_loss"] = dict(previous.get("heldout_loss", {}))
     t0 = time.perf_counter()
-    base = load_model("smollm2-135m-instruct")
-    h = heldout_loss(base.model, base.tokenizer, heldout, eval_cfg, progress=not args.quiet)
-    out["heldout_loss"]["base"] = h["loss_per_token"]
-    out["runs"]["base"] = {"heldout": h, "eval_s": round(time.perf_counter() - t0, 1)}
-    del base
+    if "base" not in out["heldout_loss"]:
+        base = load_model("smollm2-135m-instruct")
+        h = heldout_loss(base.model, base.tokenizer, heldout, eval_cfg, progress=not args.quiet)
+        out["heldout_loss"]["base"] = h["loss_per_token"]
+        out["runs"]["base"] = {"heldout": h, "eval_s": round(time.perf_counter() - t0, 1)}
+        del base
     for label, ids in subsets.items():
         print(f"[train] {label}: {len(ids)} examples, {args.steps} steps", flush=True)
         cfg = TrainConfig(max_steps=args.steps, max_batch=args.train_batch, max_tokens=args.train_batch * args.max_len,
@@ -290,12 +346,16 @@ def run_train(args, pool, methods: dict) -> dict:
                               "eval_s": round(time.perf_counter() - t1, 1), "heldout": h}
         print(f"  held-out loss {h['loss_per_token']:.4f} (train {result.seconds:.0f} s)", flush=True)
         del loaded
-    rand = [out["heldout_loss"][f"random_seed{s}"] for s in range(3)]
+    out["total_s" if previous is None else f"total_s_{args.runs.replace(',', '_')}"] = round(time.perf_counter() - t0, 1)
+    rand = [out["heldout_loss"].get(f"random_seed{s}") for s in range(3)]
+    if None in rand:
+        return out
     out["random_mean"] = float(np.mean(rand))
     out["random_std"] = float(np.std(rand))
-    out["nait_beats_random_mean"] = out["heldout_loss"]["nait"] < out["random_mean"]
-    out["nait_beats_every_random_seed"] = all(out["heldout_loss"]["nait"] < r for r in rand)
-    out["total_s"] = round(time.perf_counter() - t0, 1)
+    for label in ("nait", "less"):
+        if label in out["heldout_loss"]:
+            out[f"{label}_beats_random_mean"] = out["heldout_loss"][label] < out["random_mean"]
+            out[f"{label}_beats_every_random_seed"] = all(out["heldout_loss"][label] < r for r in rand)
     return out
 
 
@@ -313,22 +373,44 @@ def main() -> int:
     p.add_argument("--train-batch", type=int, default=4, help="examples per optimizer step")
     p.add_argument("--heldout", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", default="random,nait,rds,kcenter,loss_high,loss_low,ifd",
-                   help="comma-separated subset of the methods to run in the select phase")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help="comma-separated methods of the select phase (also: less)")
+    p.add_argument("--runs", default=None,
+                   help="comma-separated LoRA runs of the train phase: a selected method (nait, less, ...), "
+                        f"random (3 seeds), full (default: {DEFAULT_RUNS}; with a --methods list, those methods)")
+    p.add_argument("--merge", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the saved results of other methods / runs (default: when --methods or --runs "
+                        "is not the default list)")
+    p.add_argument("--less-epochs", type=int, default=2, help="LESS warm-up epochs (one checkpoint each)")
+    p.add_argument("--less-proj-dim", type=int, default=8192)
+    p.add_argument("--less-rank", type=int, default=16, help="LESS warm-up LoRA rank (alpha = 2 x rank)")
+    p.add_argument("--less-modules", default="all-linear",
+                   help="LESS warm-up LoRA modules (the trainer's all-linear, or e.g. q_proj,k_proj,v_proj,o_proj "
+                        "as in the paper: fewer LoRA parameters, a cheaper projection)")
+    p.add_argument("--less-project-mb", type=float, default=4096.0,
+                   help="memory for full LoRA gradients gathered per projection pass")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
     import torch
 
     from mechsieve.models import load_model
 
+    if args.runs is None:
+        args.runs = DEFAULT_RUNS if args.methods == DEFAULT_METHODS else args.methods
+    merge = args.merge if args.merge is not None else (args.methods != DEFAULT_METHODS or args.runs != DEFAULT_RUNS)
     results = (json.loads(OUT_JSON.read_text()) if OUT_JSON.exists()
-               and args.phase in ("train", "variants", "rescore-ifd") else {})
+               and (merge or args.phase in ("train", "variants", "rescore-ifd")) else {})
     command = " ".join(["python", *sys.argv])
+    if merge and results:
+        results.setdefault("merged_commands", []).append(command)
+    else:
+        results["command" if args.phase in ("select", "all") else f"command_{args.phase}"] = command
     results.update({"benchmark": "B1 targeted selection",
-                    ("command" if args.phase in ("select", "all") else f"command_{args.phase}"): command,
                     "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
                     "model": "smollm2-135m-instruct (float32, CPU)"})
     pool, target = build_pool(args.per_source, args.target, args.seed)
+    if merge and results.get("pool", {}).get("fingerprint") not in (None, pool.fingerprint()):
+        raise SystemExit(f"{OUT_JSON} holds results of another pool; rerun with --no-merge")
     results["pool"] = {"examples": len(pool), "by_source": pool.counts_by_source(), "target": len(target),
                        "per_source": args.per_source, "max_len": args.max_len, "budget": args.budget,
                        "seed": args.seed, "fingerprint": pool.fingerprint()}
@@ -341,10 +423,13 @@ def main() -> int:
             results["select"] = partial
             OUT_JSON.write_text(json.dumps(results, indent=1) + "\n")
 
-        results["select"] = run_select(args, loaded, pool, target, save)
-        results["select"]["total_s"] = round(time.perf_counter() - t0, 1)
-        share = results["select"]["methods"]["nait"]["share_gsm8k"]
-        results["targets"] = {"nait_share_at_least_0.9": share >= 0.9, "nait_share": share}
+        previous = results.get("select") if merge else None
+        results["select"] = run_select(args, loaded, pool, target, save, previous)
+        results["select"]["total_s" if previous is None else f"total_s_{args.methods.replace(',', '_')}"] = \
+            round(time.perf_counter() - t0, 1)
+        if "nait" in results["select"]["methods"]:
+            share = results["select"]["methods"]["nait"]["share_gsm8k"]
+            results.setdefault("targets", {}).update({"nait_share_at_least_0.9": share >= 0.9, "nait_share": share})
         OUT_JSON.write_text(json.dumps(results, indent=1) + "\n")
         del loaded
     if args.phase == "rescore-ifd":
@@ -364,9 +449,12 @@ def main() -> int:
         print("B1 NAIT variants: " + json.dumps(results["nait_variants"]))
         return 0
     if args.phase in ("train", "all"):
-        results["train"] = run_train(args, pool, results["select"]["methods"])
-        results.setdefault("targets", {})["nait_finetune_lower_heldout_loss_than_random"] = \
-            results["train"]["nait_beats_random_mean"]
+        results["train"] = run_train(args, pool, results["select"]["methods"],
+                                     results.get("train") if merge else None)
+        for label in ("nait", "less"):
+            if f"{label}_beats_random_mean" in results["train"]:
+                results.setdefault("targets", {})[f"{label}_finetune_lower_heldout_loss_than_random"] = \
+                    results["train"][f"{label}_beats_random_mean"]
         OUT_JSON.write_text(json.dumps(results, indent=1) + "\n")
     m = results.get("select", {}).get("methods", {})
     line = "B1: " + ", ".join(f"{k} share {v['share_gsm8k']:.2f} ({v['wall_s']:.0f} s)" for k, v in m.items())

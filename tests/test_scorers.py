@@ -80,6 +80,8 @@ CASES = [
     ("igds", lambda p: {"sae": str(__import__("mechsieve.features.sae", fromlist=["x"]).write_sae(
         p / "sae", __import__("mechsieve.features.sae", fromlist=["x"]).random_sae(32, 48, layer=1))),
         "freq_threshold": 0.0, "top_k": 3, "dev_size": 2, "alphas": [3.0], "render": {"max_len": 64}}),
+    # LESS: 2 warm-up epochs of a rank-2 LoRA on one example, 32-dim projection
+    ("less", {"proj_dim": 32, "train": {"epochs": 2, "lora_r": 2}, "render": {"max_len": 64}}),
 ]
 
 

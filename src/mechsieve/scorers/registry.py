@@ -26,6 +26,7 @@ BUILTIN: dict[str, str] = {
     "influence": "mechsieve.scorers.influence:Influence",
     "grad-sim": "mechsieve.scorers.grad_sim:GradSim",
     "igds": "mechsieve.scorers.igds:Igds",
+    "less": "mechsieve.scorers.less:Less",
 }
 
 _EXTRA: dict[str, type[Scorer]] = {}

@@ -17,7 +17,8 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,12 +102,33 @@ def micro_batches(items: Sequence[TrainItem], cfg: TrainConfig, rank: int = 0, w
         epoch += 1
 
 
+@dataclass
+class EpochEnd:
+    """What `train` hands its `on_epoch_end` hook after the optimizer step that ends an epoch
+    (the step after which the next micro-batch belongs to the next epoch), and after the last
+    step when the run ends inside an epoch (fractional `epochs`, or `max_steps`)."""
+
+    epoch: int
+    """0-based index of the epoch that ended."""
+    steps: int
+    """Optimizer steps done so far."""
+    model: Any
+    """The model being trained (the peft model for LoRA), in training mode."""
+    optimizer: torch.optim.Optimizer
+    """The AdamW; `optimizer.state[param]` holds exp_avg, exp_avg_sq and step."""
+    learning_rates: list[float]
+    """The learning rate of each optimizer step of this epoch."""
+
+
 def train(loaded: LoadedModel, items: Sequence[TrainItem], cfg: TrainConfig,
-          out_dir: str | Path | None = None, progress: bool = True) -> TrainResult:
+          out_dir: str | Path | None = None, progress: bool = True,
+          on_epoch_end: Callable[[EpochEnd], None] | None = None) -> TrainResult:
     """Fine-tune `loaded.model` in place on `items` (LoRA unless cfg.full_finetune).
 
     `loaded.model` becomes the peft model for LoRA. With `out_dir`, the adapter (or full model)
     is saved there with `train.json` (settings, loss curve), written last as a completion mark.
+    `on_epoch_end`, if given, is called with an `EpochEnd` at the end of every epoch (on every
+    process), e.g. to keep per-epoch checkpoints with their optimizer state (LESS).
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -134,6 +156,7 @@ def train(loaded: LoadedModel, items: Sequence[TrainItem], cfg: TrainConfig,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     stream = micro_batches(items, cfg, accelerator.process_index, accelerator.num_processes)
+    pending = next(stream)  # one micro-batch ahead: its epoch tells when an epoch has ended
     world = accelerator.num_processes
 
     model.train()
@@ -143,12 +166,14 @@ def train(loaded: LoadedModel, items: Sequence[TrainItem], cfg: TrainConfig,
     input_tokens = 0
     padded_tokens = 0
     epoch = 0
+    epochs_reported = 0
+    epoch_lrs: list[float] = []
     bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress or not accelerator.is_main_process)
     start = time.perf_counter()
     for _step in range(total_steps):
         group = []
         for _ in range(cfg.grad_accum):
-            epoch, idx = next(stream)
+            (epoch, idx), pending = pending, next(stream)
             group.append(collate_items(items, idx, pad_id).to(accelerator.device))
         local = sum(b.n_targets for b in group)
         input_tokens += sum(int(b.attention_mask.sum()) for b in group)
@@ -170,6 +195,11 @@ def train(loaded: LoadedModel, items: Sequence[TrainItem], cfg: TrainConfig,
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        epoch_lrs.append(lrs[-1])
+        if on_epoch_end is not None and (pending[0] > epochs_reported or _step == total_steps - 1):
+            on_epoch_end(EpochEnd(epochs_reported, _step + 1, model, getattr(optimizer, "optimizer", optimizer),
+                                  epoch_lrs))
+            epochs_reported, epoch_lrs = max(pending[0], epochs_reported + 1), []
         if world > 1:
             total = float(accelerator.reduce(torch.tensor(total, device=accelerator.device), "sum"))
         losses.append(total / step_tokens)
