@@ -9,12 +9,14 @@ from typing import Any, TypeVar
 from mechsieve.config import ConfigError, load_config
 from mechsieve.data.formats import RecordError
 from mechsieve.data.readers import DataError
+from mechsieve.engine.base import EngineError
 from mechsieve.models.loading import ModelError
 from mechsieve.scorers.base import ScorerError
 from mechsieve.store.artefacts import SettingsMismatch
 
 T = TypeVar("T")
-USER_ERRORS = (ConfigError, DataError, RecordError, ModelError, ScorerError, SettingsMismatch, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, RecordError, ModelError, ScorerError, SettingsMismatch, FileNotFoundError,
+               EngineError)
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +24,42 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set capture.max_tokens=8192 (repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_engine_flags(parser: argparse.ArgumentParser, shard_help: str = "examples per shard") -> None:
+    """--engine local|ray and its settings (section `engine` of the command's config)."""
+    parser.add_argument("--engine", choices=["local", "ray"],
+                        help="local: in this process (default); ray: Ray Data actors, one model each "
+                        "(pip install 'mechsieve[ray]')")
+    parser.add_argument("--ray-address", help="Ray cluster to join: auto, ray://HOST:10001 (default: start Ray here)")
+    parser.add_argument("--actors", type=int, help="Ray actors, one model each (default 1)")
+    parser.add_argument("--gpus-per-actor", type=float, help="GPUs per Ray actor (default 0: CPU)")
+    parser.add_argument("--shard-size", type=int,
+                        help=f"{shard_help}; finished shards are kept under OUT/shards so a stopped run "
+                        "resumes (default: local runs in one pass, ray uses 256)")
+    parser.add_argument("--overwrite-shards", action="store_true",
+                        help="discard the shards a stopped run left under OUT/shards instead of resuming")
+
+
+def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {"engine.executor": getattr(args, "engine", None), "engine.ray_address": getattr(args, "ray_address", None),
+            "engine.actors": getattr(args, "actors", None), "engine.gpus_per_actor": getattr(args, "gpus_per_actor", None),
+            "engine.shard_size": getattr(args, "shard_size", None),
+            "engine.overwrite": True if getattr(args, "overwrite_shards", False) else None}
+
+
+def check_engine(engine: Any, scorer_cls: type | None = None) -> None:
+    """Fail before any model work: Ray missing, or a method the ray engine cannot shard."""
+    if engine.executor != "ray":
+        return
+    from mechsieve.engine.ray_executor import require_ray
+
+    require_ray()
+    if scorer_cls is not None and scorer_cls.needs_model and not scorer_cls.shardable:
+        from mechsieve.engine.run import shardable_methods
+
+        raise ConfigError(f"--engine ray: {scorer_cls.name} needs the whole pool at once and cannot be sharded; "
+                          f"methods that can: {', '.join(shardable_methods())} (or use --engine local)")
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:

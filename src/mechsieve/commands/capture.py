@@ -9,9 +9,12 @@ from pathlib import Path
 from mechsieve.commands._common import (
     add_config_flags,
     add_data_flags,
+    add_engine_flags,
     add_model_flags,
     build_config,
+    check_engine,
     data_flags,
+    engine_flags,
     int_list,
     model_flags,
     print_outputs,
@@ -28,6 +31,7 @@ class CaptureCommand:
     from mechsieve.capture.activations import CaptureConfig
     from mechsieve.data.readers import DataConfig
     from mechsieve.data.render import RenderConfig
+    from mechsieve.engine.base import EngineConfig
     from mechsieve.models.loading import ModelConfig
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -38,6 +42,8 @@ class CaptureCommand:
     """Output folder: activations.safetensors + activations.json (chunks while running)."""
     overwrite: bool = False
     """Recompute even if the folder holds a finished or partial capture (else: reuse / resume)."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """In process (default) or on Ray actors; with a shard size, shards under OUT/shards resume."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-len", type=int, help="longest rendered example (tokens); longer ones are cut and counted")
     p.add_argument("--max-tokens", type=int, help="token budget of one batch")
     p.add_argument("--overwrite", action="store_true", help="recompute from scratch")
+    add_engine_flags(p)
     add_config_flags(p)
 
 
@@ -63,14 +70,29 @@ def run(args: argparse.Namespace) -> int:
              "capture.site": args.site,
              "capture.reductions": args.reductions.split(",") if args.reductions else None,
              "render.max_len": args.max_len, "capture.max_tokens": args.max_tokens,
-             "overwrite": True if args.overwrite else None}
+             "overwrite": True if args.overwrite else None, **engine_flags(args)}
     cfg = build_config(CaptureCommand, args, flags)
+    check_engine(cfg.engine)
     pool = read_pool(cfg.data)
     if pool.skipped:
         print(f"skipped {len(pool.skipped)} invalid record(s); first: {pool.skipped[0]}")
-    loaded = load_model(cfg.model)
-    result, report = capture_pool(loaded, pool, cfg.capture, cfg.render, out_dir=cfg.out,
-                                  overwrite=cfg.overwrite, progress=not args.quiet)
+    if cfg.engine.sharded:
+        from dataclasses import replace
+
+        from mechsieve.engine import capture_sharded
+
+        # Ray actors load their own copies: the driver only loads the model for a local run
+        model = cfg.model if cfg.engine.executor == "ray" else load_model(cfg.model)
+        engine = replace(cfg.engine, overwrite=cfg.engine.overwrite or cfg.overwrite)
+        result, report = capture_sharded(model, pool, cfg.capture, cfg.render, cfg.out, engine,
+                                         progress=not args.quiet, overwrite=cfg.overwrite)
+        if "shards" in report["engine"]:
+            e = report["engine"]
+            print(f"engine {e['executor']}: {e['shards']} shards of {e['shard_size']} ({e['resumed']} resumed)")
+    else:
+        loaded = load_model(cfg.model)
+        result, report = capture_pool(loaded, pool, cfg.capture, cfg.render, out_dir=cfg.out,
+                                      overwrite=cfg.overwrite, progress=not args.quiet)
     s = result.summary()
     print(f"read {len(pool)} examples ({pool.format}) from {pool.path}; {report['render']}")
     if report.get("cached"):

@@ -19,9 +19,12 @@ from typing import Any
 from mechsieve.commands._common import (
     add_config_flags,
     add_data_flags,
+    add_engine_flags,
     add_model_flags,
     build_config,
+    check_engine,
     data_flags,
+    engine_flags,
     model_flags,
     print_outputs,
 )
@@ -36,6 +39,7 @@ class MaskTokensCommand:
 
     from mechsieve.data.readers import DataConfig
     from mechsieve.data.render import RenderConfig
+    from mechsieve.engine.base import EngineConfig
     from mechsieve.models.loading import ModelConfig
     from mechsieve.tokens.xtf import XtfConfig
 
@@ -47,6 +51,9 @@ class MaskTokensCommand:
     """Output folder: the tokenized dataset and summary.json."""
     top: int = 5
     """How many of the most-masked examples summary.json shows."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Where token scoring runs: in process (default) or on Ray actors; the masks are decided on
+    the driver (TR's thresholds are over every token of the pool)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,6 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attributes", help="comma-separated subset of ri,kn,tr (default all three)")
     p.add_argument("--ri-layers", choices=["all", "last"], help="attention of all layers (default) or the last")
     p.add_argument("--max-len", type=int, help="longest rendered example (tokens)")
+    add_engine_flags(p)
     add_config_flags(p)
 
 
@@ -85,6 +93,39 @@ def mask_examples(loaded: Any, examples: Sequence[Any], cfg: Any, render_cfg: An
     scores, masks = masker.mask(loaded.model, loaded.tokenizer, rendered, progress=progress)
     return MaskRun([ex.id for ex in examples], rendered, scores, masks, stats.summary(),
                    round(time.perf_counter() - start, 2))
+
+
+def mask_examples_sharded(model: Any, examples: Sequence[Any], cfg: Any, render_cfg: Any, words: list[str],
+                          engine: Any, folder: str | Path, tokenizer: Any, progress: bool = True) -> MaskRun:
+    """`mask_examples` with the token scores computed shard by shard by the engine (resumable;
+    on Ray actors with engine.executor=ray), the masks decided here over the whole pool."""
+    from mechsieve.data.render import render_pool
+    from mechsieve.engine import token_scores_sharded
+    from mechsieve.tokens.xtf import Xtf
+
+    start = time.perf_counter()
+    masker = Xtf(cfg, words=words)  # refuses an unusable word list before any shard runs
+    rendered, stats = render_pool(examples, tokenizer, render_cfg)
+    scores = token_scores_sharded(model, list(examples), cfg, words, render_cfg, folder, engine, progress)
+    if [len(e) for e in scores.eligible] != [len(r) for r in rendered]:
+        raise RuntimeError("the shards' token scores do not line up with the examples rendered here; "
+                           "the workers must use the same tokenizer as the driver")
+    return MaskRun([ex.id for ex in examples], rendered, scores, masker.decide(scores), stats.summary(),
+                   round(time.perf_counter() - start, 2))
+
+
+def load_tokenizer(model_cfg: Any) -> Any:
+    """Only the tokenizer of `model_cfg` (a Ray run's driver needs no model to render and write)."""
+    from transformers import AutoTokenizer
+
+    from mechsieve.models.loading import resolve_model_path
+
+    folder, identity = resolve_model_path(model_cfg)
+    extra = {"revision": model_cfg.revision} if identity["kind"] == "hub" and model_cfg.revision else {}
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=model_cfg.trust_remote_code, **extra)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # as load_model does
+    return tokenizer
 
 
 def write_masked(out: str | Path, run: MaskRun, tokenizer: Any, settings: dict[str, Any], top: int = 5
@@ -126,8 +167,9 @@ def run(args: argparse.Namespace) -> int:
     flags = {**model_flags(args), **data_flags(args), "out": args.out, "xtf.domain": args.domain,
              "xtf.words_file": args.words_file, "xtf.ri_layers": args.ri_layers,
              "xtf.attributes": args.attributes.split(",") if args.attributes else None,
-             "render.max_len": args.max_len}
+             "render.max_len": args.max_len, **engine_flags(args)}
     cfg = build_config(MaskTokensCommand, args, flags)
+    check_engine(cfg.engine)
     if cfg.xtf.words_file:
         words = parse_word_list(Path(cfg.xtf.words_file).read_text(encoding="utf-8"))
     else:
@@ -135,11 +177,21 @@ def run(args: argparse.Namespace) -> int:
     pool = read_pool(cfg.data)
     if pool.skipped:
         print(f"skipped {len(pool.skipped)} invalid record(s); first: {pool.skipped[0]}")
-    loaded = load_model(cfg.model)
-    result = mask_examples(loaded, pool.examples, cfg.xtf, cfg.render, words=words, progress=not args.quiet)
-    settings = {"command": to_dict(cfg), "model": loaded.identity, "pool": str(pool.path),
+    if cfg.engine.executor == "ray":  # the actors load the model; here only the tokenizer
+        from mechsieve.models.loading import resolve_model_path
+
+        model, tokenizer, identity = cfg.model, load_tokenizer(cfg.model), resolve_model_path(cfg.model)[1]
+    else:
+        model = load_model(cfg.model)
+        tokenizer, identity = model.tokenizer, model.identity
+    if cfg.engine.sharded:
+        result = mask_examples_sharded(model, pool.examples, cfg.xtf, cfg.render, words, cfg.engine,
+                                       Path(cfg.out) / "shards", tokenizer, progress=not args.quiet)
+    else:
+        result = mask_examples(model, pool.examples, cfg.xtf, cfg.render, words=words, progress=not args.quiet)
+    settings = {"command": to_dict(cfg), "model": identity, "pool": str(pool.path),
                 "pool_fingerprint": pool.fingerprint(), "words": len(words)}
-    summary = write_masked(cfg.out, result, loaded.tokenizer, settings, top=cfg.top)
+    summary = write_masked(cfg.out, result, tokenizer, settings, top=cfg.top)
     print(f"read {len(pool)} examples ({pool.format}) from {pool.path}; {result.render_summary}")
     shares = ", ".join(f"{k} {v:.1%}" for k, v in summary["masked_share"].items())
     print(f"masked {summary['masked_tokens']['union']} of {summary['eligible_tokens']} response tokens "

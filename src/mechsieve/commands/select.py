@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from mechsieve.commands._common import (
     add_config_flags,
     add_data_flags,
+    add_engine_flags,
     add_model_flags,
     build_config,
+    check_engine,
     data_flags,
+    engine_flags,
     model_flags,
     print_outputs,
 )
@@ -25,6 +29,7 @@ class SelectCommand:
     """Settings of `mechsieve select`."""
 
     from mechsieve.data.readers import DataConfig
+    from mechsieve.engine.base import EngineConfig
     from mechsieve.models.loading import ModelConfig
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -44,7 +49,10 @@ class SelectCommand:
     scorer: dict[str, Any] = field(default_factory=dict)
     """The method's settings, e.g. --set scorer.site=mlp --set scorer.render.max_len=256."""
     out: str = "runs/select"
-    """Output folder: the subset in the pool's format, scores.parquet, summary.json."""
+    """Output folder: the subset in the pool's format, scores.parquet, summary.json (and
+    shards/ while a sharded run is under way)."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """Where scoring runs: in process (default) or on Ray actors; shard size for resumable runs."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,6 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed (default 0)")
     p.add_argument("--out", help="output folder (default runs/select)")
     add_model_flags(p)
+    add_engine_flags(p)
     add_config_flags(p)
 
 
@@ -89,12 +98,14 @@ def run(args: argparse.Namespace) -> int:
     from mechsieve.select import SelectionError, parse_budget, select_examples, write_selection
 
     flags = {**model_flags(args), **data_flags(args), **data_flags(args, "target", "target"),
-             "method": args.method, "budget": args.budget, "order": args.order, "seed": args.seed, "out": args.out}
+             "method": args.method, "budget": args.budget, "order": args.order, "seed": args.seed, "out": args.out,
+             **engine_flags(args)}
     cfg = build_config(SelectCommand, args, flags)
     try:
         cls = get_scorer_class(cfg.method)
     except RegistryError as err:
         raise ConfigError(f"method: {err}") from None
+    check_engine(cfg.engine, cls)
     pool = read_pool(cfg.data)
     if pool.skipped:
         print(f"skipped {len(pool.skipped)} invalid record(s); first: {pool.skipped[0]}")
@@ -111,10 +122,17 @@ def run(args: argparse.Namespace) -> int:
         from mechsieve.models.loading import load_model
 
         loaded = load_model(cfg.model)
+    order = None if cfg.order == "auto" else cfg.order
     try:
-        sel = select_examples(cfg.method, pool, cfg.budget, target=target, loaded=loaded, seed=cfg.seed,
-                              settings=cfg.scorer, progress=not args.quiet,
-                              order=None if cfg.order == "auto" else cfg.order)
+        if cfg.engine.sharded:
+            from mechsieve.engine import select_pool
+
+            sel = select_pool(cfg.method, pool, cfg.budget, target=target, model=loaded, seed=cfg.seed,
+                              settings=cfg.scorer, order=order, engine=cfg.engine, folder=Path(cfg.out) / "shards",
+                              progress=not args.quiet)
+        else:
+            sel = select_examples(cfg.method, pool, cfg.budget, target=target, loaded=loaded, seed=cfg.seed,
+                                  settings=cfg.scorer, progress=not args.quiet, order=order)
     except (SelectionError, ScorerError) as err:
         raise ConfigError(str(err)) from None
     extra = {"model": loaded.identity if loaded is not None else None,
@@ -123,6 +141,10 @@ def run(args: argparse.Namespace) -> int:
     paths = write_selection(pool, sel, cfg.out, extra)
     counts = sel.counts_by_source(pool)
     total = pool.counts_by_source()
+    engine = sel.settings.get("engine")
+    if engine and "shards" in engine:
+        print(f"engine {engine['executor']}: {engine['shards']} shards of {engine['shard_size']} "
+              f"({engine['resumed']} resumed from an earlier run)")
     print(f"{cfg.method}: selected {len(sel.ids)} of {len(pool)} ({cfg.budget}, {sel.settings['order']}) "
           f"in {sel.timings.get('score_total', 0.0):.1f} s; by source:")
     for source, count in counts.items():

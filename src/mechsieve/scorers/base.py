@@ -4,6 +4,12 @@ A scorer is a class with a settings dataclass (`Scorer.config_cls`, names paired
 `Nait`) and one required method, `score`. Class attributes say what it needs: `needs_model`
 (a `LoadedModel`, run through `mechsieve.capture`), `needs_target` (an in-domain target pool), and
 `default_order` (`top`: high scores are selected first; `bottom`: low scores are).
+
+Sharded scoring (`ShardedScorer`, `shardable = True`): `score` splits into three parts so an engine
+(mechsieve.engine) can score shards of the pool in other processes or on other machines:
+`prepare` (target-derived, once, on the driver) -> a state of JSON values and numpy arrays;
+`score_shard(shard, state, loaded)` per shard (one model per worker); `combine(parts, state)` on
+the driver. `score` is exactly those three over the whole pool, so there is one code path.
 """
 
 from __future__ import annotations
@@ -41,6 +47,15 @@ class ScoreResult:
     timings: dict[str, float] = field(default_factory=dict)
     per_target: np.ndarray | None = None
     target_names: list[str] = field(default_factory=list)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per-example side arrays (first axis n) a sharded scorer's `combine` reads (e.g. NAIT's
+    per-layer projections, normalised over the whole pool); not part of the selection."""
+
+
+ShardState = dict[str, Any]
+"""What `prepare` hands to `score_shard`: JSON-able values and numpy arrays at the top level (the
+engine saves it beside the shards and ships it to every worker). `explanations` / `timings` keys,
+when present, are the prepare part's and end up in the combined result."""
 
 
 class Scorer(ABC):
@@ -51,6 +66,8 @@ class Scorer(ABC):
     needs_model: ClassVar[bool] = False
     needs_target: ClassVar[bool] = False
     default_order: ClassVar[Literal["top", "bottom"]] = "top"
+    shardable: ClassVar[bool] = False
+    """True for `ShardedScorer`s: the engine may score shards of the pool in other processes."""
 
     def __init__(self, config: Any = None) -> None:
         if config is None:
@@ -83,3 +100,60 @@ class Scorer(ABC):
         if self.needs_target and (target is None or len(target.examples) == 0):
             raise ScorerError(f"{self.name} scores against a target set: pass target= a pool of "
                               "in-domain examples (CLI: --target FILE)")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def combine_parts(parts: list[ScoreResult], state: ShardState) -> ScoreResult:
+    """The default `combine`: scores, per_target and arrays concatenated in shard order; numeric
+    explanations and timings of the parts summed (shard explanations are counts; anything else
+    belongs in state["explanations"]), then the prepare part's explanations and timings added."""
+    if not parts:
+        raise ScorerError("nothing to combine: no shard results")
+    scores = np.concatenate([np.asarray(p.scores, dtype=np.float64) for p in parts])
+    per_target = (np.concatenate([p.per_target for p in parts]) if parts[0].per_target is not None else None)
+    arrays = {k: np.concatenate([p.arrays[k] for p in parts]) for k in parts[0].arrays}
+    explanations: dict[str, Any] = dict(state.get("explanations", {}))
+    for key, value in parts[0].explanations.items():
+        values = [p.explanations.get(key) for p in parts]
+        explanations[key] = sum(values) if all(_is_count(v) for v in values) else value
+    timings: dict[str, float] = dict(state.get("timings", {}))
+    for p in parts:
+        for key, value in p.timings.items():
+            timings[key] = timings.get(key, 0.0) + float(value)
+    names = parts[0].target_names or list(state.get("target_names", []))
+    return ScoreResult(scores, explanations, timings, per_target, names, arrays)
+
+
+class ShardedScorer(Scorer):
+    """A scorer whose work splits into `prepare` (driver) + `score_shard` (any worker) + `combine`
+    (driver); see the module docstring. Scorers that need the whole pool at once (k-center,
+    influence, seeded sampling) are plain `Scorer`s: the engine runs them on the driver (local) or
+    refuses them (ray)."""
+
+    shardable: ClassVar[bool] = True
+
+    @abstractmethod
+    def prepare(self, pool: Pool, *, target: Pool | None = None, loaded: Any = None, seed: int = 0,
+                progress: bool = True) -> ShardState:
+        """Everything that does not depend on a shard (directions, a concept, target embeddings,
+        chosen SAE features), computed once; `pool` is there for methods that fit on it (IGDS
+        training its SAE) and is not to be scored here."""
+
+    @abstractmethod
+    def score_shard(self, shard: Pool, state: ShardState, loaded: Any = None, progress: bool = True
+                    ) -> ScoreResult:
+        """Score the examples of `shard` ([m] scores) from `state`; a pure function of both."""
+
+    def combine(self, parts: list[ScoreResult], state: ShardState) -> ScoreResult:
+        """The pool's result from its shards' results, in pool order (default: `combine_parts`)."""
+        return combine_parts(parts, state)
+
+    def score(self, pool: Pool, *, target: Pool | None = None, loaded: Any = None, seed: int = 0,
+              progress: bool = True) -> ScoreResult:
+        self.check_inputs(pool, target, loaded)
+        state = self.prepare(pool, target=target, loaded=loaded, seed=seed, progress=progress)
+        part = self.score_shard(pool, state, loaded, progress)
+        return self.combine([part], state)

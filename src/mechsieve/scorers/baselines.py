@@ -23,7 +23,7 @@ import torch
 
 from mechsieve.config import check_choice
 from mechsieve.data.records import Pool
-from mechsieve.scorers.base import NoSettings, Scorer, ScoreResult
+from mechsieve.scorers.base import NoSettings, Scorer, ScoreResult, ShardedScorer, ShardState
 from mechsieve.scorers.common import (
     ModelScorerConfig,
     final_norm,
@@ -81,7 +81,7 @@ class LossConfig(ModelScorerConfig):
         check_choice("loss.direction", self.direction, ("high", "low"))
 
 
-class LossScorer(Scorer):
+class LossScorer(ShardedScorer):
     """Loss / perplexity baseline (perplexity-based pruning, e.g. Marion et al. 2023, arXiv
     2309.04564; the Loss baseline of IGDS): mean next-token NLL of the response tokens (end-of-turn
     marker included) given the prompt, under the base model. Score = the loss; `direction` picks
@@ -97,11 +97,14 @@ class LossScorer(Scorer):
     def order(self) -> Literal["top", "bottom"]:
         return "top" if self.config.direction == "high" else "bottom"
 
-    def score(self, pool: Pool, *, target: Pool | None = None, loaded: Any = None, seed: int = 0,
-              progress: bool = True) -> ScoreResult:
-        self.check_inputs(pool, target, loaded)
+    def prepare(self, pool: Pool, *, target: Pool | None = None, loaded: Any = None, seed: int = 0,
+                progress: bool = True) -> ShardState:
+        return {}
+
+    def score_shard(self, shard: Pool, state: ShardState, loaded: Any = None, progress: bool = True
+                    ) -> ScoreResult:
         t0 = time.perf_counter()
-        rendered = render(pool.examples, loaded, self.config)
+        rendered = render(shard.examples, loaded, self.config)
         t1 = time.perf_counter()
         sums, counts = response_nll(loaded.model, rendered, self.config, pad_id_of(loaded), progress, "loss")
         loss = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
@@ -119,7 +122,7 @@ class IfdConfig(ModelScorerConfig):
     they get NaN (ranked last, never selected). False keeps the raw ratio."""
 
 
-class IfdScorer(Scorer):
+class IfdScorer(ShardedScorer):
     """IFD (Cherry LLM, Li et al. NAACL 2024): exp(mean NLL of y given x - mean NLL of y alone).
 
     Differences from the paper's code: the conditional pass uses the model's chat template (the
@@ -139,29 +142,39 @@ class IfdScorer(Scorer):
         super().__init__(config)
         self.conditional_loss = conditional_loss
 
-    def score(self, pool: Pool, *, target: Pool | None = None, loaded: Any = None, seed: int = 0,
-              progress: bool = True) -> ScoreResult:
-        self.check_inputs(pool, target, loaded)
-        t0 = time.perf_counter()
-        alone = render([response_only(ex) for ex in pool.examples], loaded, self.config)
-        pad = pad_id_of(loaded)
+    def prepare(self, pool: Pool, *, target: Pool | None = None, loaded: Any = None, seed: int = 0,
+                progress: bool = True) -> ShardState:
         if self.conditional_loss is None:
-            cond = render(pool.examples, loaded, self.config)
+            return {}
+        cond = np.asarray(self.conditional_loss, dtype=np.float64)
+        if cond.shape != (len(pool.examples),):
+            raise ValueError(f"ifd: conditional_loss has shape {cond.shape} for {len(pool.examples)} examples")
+        ids = [ex.id for ex in pool.examples]
+        if len(set(ids)) != len(ids):
+            raise ValueError("ifd: conditional_loss is matched to examples by id, but the pool repeats ids")
+        return {"conditional_ids": ids, "conditional_loss": cond}
+
+    def score_shard(self, shard: Pool, state: ShardState, loaded: Any = None, progress: bool = True
+                    ) -> ScoreResult:
+        t0 = time.perf_counter()
+        alone = render([response_only(ex) for ex in shard.examples], loaded, self.config)
+        pad = pad_id_of(loaded)
+        if "conditional_loss" not in state:
+            cond = render(shard.examples, loaded, self.config)
             t1 = time.perf_counter()
             s_c, n_c = response_nll(loaded.model, cond, self.config, pad, progress, "ifd: y|x")
             cond_loss = np.where(n_c > 0, s_c / np.maximum(n_c, 1), np.nan)
         else:
             t1 = time.perf_counter()
-            cond_loss = np.asarray(self.conditional_loss, dtype=np.float64)
-            if cond_loss.shape != (len(pool.examples),):
-                raise ValueError(f"ifd: conditional_loss has shape {cond_loss.shape} for {len(pool.examples)} examples")
+            where = {ex_id: i for i, ex_id in enumerate(state["conditional_ids"])}
+            cond_loss = state["conditional_loss"][[where[ex.id] for ex in shard.examples]]
         t2 = time.perf_counter()
         s_u, n_u = response_nll(loaded.model, alone, self.config, pad, progress, "ifd: y")
         # Without a prompt, y|x and y are the same text: IFD would be 1 by construction, not a
         # measurement, so such examples are not scored (NaN: ranked last, never selected).
-        has_prompt = np.array([bool(ex.prompt) for ex in pool.examples])
+        has_prompt = np.array([bool(ex.prompt) for ex in shard.examples])
         ok = ~np.isnan(cond_loss) & (n_u > 0) & has_prompt
-        ifd = np.full(len(pool.examples), np.nan)
+        ifd = np.full(len(shard.examples), np.nan)
         ifd[ok] = np.exp(cond_loss[ok] - s_u[ok] / n_u[ok])
         above = ok & (ifd > 1.0)
         if self.config.drop_above_one:
@@ -231,33 +244,36 @@ def target_groups(target: Pool, capabilities: str) -> dict[str, list[int]]:
     return groups
 
 
-class RdsScorer(Scorer):
+class RdsScorer(ShardedScorer):
     """RDS+ (Ivison et al. 2025, "Large-Scale Data Selection for Instruction Tuning"): embed each
     example as the mean over tokens of the last-layer hidden state, score = cosine to the target
     examples aggregated by mean (option: max). The paper uses round-robin over target tasks; here
     each target source is a capability and selection takes the union of per-capability top-k.
-    `pool_embeddings` keeps the last call's [n, d] pool embeddings for reuse (e.g. by k-center)."""
+    `pool_embeddings` keeps the last call's [n, d] embeddings (the whole pool's after `score`) for
+    reuse, e.g. by k-center."""
 
     name = "rds"
     config_cls = RdsConfig
     needs_model = True
     needs_target = True
 
-    def score(self, pool: Pool, *, target: Pool | None = None, loaded: Any = None, seed: int = 0,
-              progress: bool = True) -> ScoreResult:
-        self.check_inputs(pool, target, loaded)
+    def prepare(self, pool: Pool, *, target: Pool | None = None, loaded: Any = None, seed: int = 0,
+                progress: bool = True) -> ShardState:
         t0 = time.perf_counter()
-        self.pool_embeddings = pooled_last_layer(loaded, pool.examples, self.config, progress, "rds: pool")
+        emb_t = unit_rows(pooled_last_layer(loaded, target.examples, self.config, progress, "rds: target"))
+        groups = target_groups(target, self.config.capabilities)
+        return {"target_embeddings": emb_t, "groups": groups, "target_names": list(groups),
+                "explanations": {"target_examples": len(target.examples)},
+                "timings": {"forward_target": time.perf_counter() - t0}}
+
+    def score_shard(self, shard: Pool, state: ShardState, loaded: Any = None, progress: bool = True
+                    ) -> ScoreResult:
+        t0 = time.perf_counter()
+        self.pool_embeddings = pooled_last_layer(loaded, shard.examples, self.config, progress, "rds: pool")
         emb_p = unit_rows(self.pool_embeddings)
         t1 = time.perf_counter()
-        emb_t = unit_rows(pooled_last_layer(loaded, target.examples, self.config, progress, "rds: target"))
-        t2 = time.perf_counter()
-        cos = emb_p @ emb_t.T  # [n, m]
-        groups = target_groups(target, self.config.capabilities)
+        cos = emb_p @ state["target_embeddings"].T  # [m, targets]
         agg = np.mean if self.config.aggregate == "mean" else np.max
-        per = np.stack([agg(cos[:, idx], axis=1) for idx in groups.values()], axis=1)
-        scores = per.max(axis=1)
-        return ScoreResult(scores, {"target_examples": len(target.examples)},
-                           {"forward_pool": t1 - t0, "forward_target": t2 - t1,
-                            "similarity": time.perf_counter() - t2},
-                           per_target=per if per.shape[1] > 1 else None, target_names=list(groups))
+        per = np.stack([agg(cos[:, idx], axis=1) for idx in state["groups"].values()], axis=1)
+        return ScoreResult(per.max(axis=1), {}, {"forward_pool": t1 - t0, "similarity": time.perf_counter() - t1},
+                           per_target=per if per.shape[1] > 1 else None, target_names=list(state["groups"]))

@@ -24,7 +24,7 @@ import numpy as np
 from mechsieve.config import ConfigError, to_dict
 from mechsieve.data.records import Example, Pool
 from mechsieve.features.probes import Concept, ConceptConfig
-from mechsieve.scorers.base import Scorer, ScorerError, ScoreResult
+from mechsieve.scorers.base import Scorer, ScorerError, ScoreResult, ShardedScorer, ShardState
 
 
 @dataclass
@@ -126,22 +126,26 @@ class VectorFilterConfig(ConceptSource):
     """Settings of `vector-filter` (the concept source only)."""
 
 
-class VectorFilter(Scorer):
+class VectorFilter(ShardedScorer):
     """Vector Filter (Concept Influence, arXiv 2602.14869): training example -> f_v(z), forward only."""
 
     name = "vector-filter"
     config_cls = VectorFilterConfig
     needs_model = True
 
-    def score(self, pool: Pool, *, target: Pool | None = None, loaded: Any = None, seed: int = 0,
-              progress: bool = True) -> ScoreResult:
-        self.check_inputs(pool, target, loaded)
+    def prepare(self, pool: Pool, *, target: Pool | None = None, loaded: Any = None, seed: int = 0,
+                progress: bool = True) -> ShardState:
+        """The concept (loaded, or fitted and cached) as its unit direction and layer."""
         start = time.perf_counter()
         concept = resolve_concept(loaded, self.config, progress)
-        t_concept = time.perf_counter() - start
-        acts, t_pass = mean_response_acts(loaded, pool.examples, concept.layer, self.config, progress)
-        return ScoreResult(concept.score(acts), _concept_explanations(concept),
-                           {"concept": t_concept, "score": t_pass})
+        return {"unit": concept.unit, "layer": int(concept.layer),
+                "explanations": _concept_explanations(concept),
+                "timings": {"concept": time.perf_counter() - start}}
+
+    def score_shard(self, shard: Pool, state: ShardState, loaded: Any = None, progress: bool = True
+                    ) -> ScoreResult:
+        acts, t_pass = mean_response_acts(loaded, shard.examples, state["layer"], self.config, progress)
+        return ScoreResult(acts.astype(np.float64) @ state["unit"].astype(np.float64), {}, {"score": t_pass})
 
 
 @dataclass

@@ -20,7 +20,7 @@ import numpy as np
 
 from mechsieve.config import ConfigError, check_choice
 from mechsieve.data.records import Pool
-from mechsieve.scorers.base import Scorer, ScorerError, ScoreResult
+from mechsieve.scorers.base import ScorerError, ScoreResult, ShardedScorer, ShardState
 from mechsieve.scorers.concept import ConceptSource
 
 
@@ -92,49 +92,73 @@ class GradSimConfig(GradientTargetConfig):
     """Random projection size of each linear layer's output side (dimension per layer: in x out)."""
 
 
-class GradSim(Scorer):
+class GradSim(ShardedScorer):
     """Cosine of projected per-example loss gradients to the mean query gradient (LESS / TracIn
-    style, one checkpoint, no optimizer preconditioning; see the module docstring)."""
+    style, one checkpoint, no optimizer preconditioning; see the module docstring).
+
+    Sharded: `prepare` computes the mean projected query gradient; each shard rebuilds the same
+    seeded projector and differentiates its own examples."""
 
     name = "grad-sim"
     config_cls = GradSimConfig
     needs_model = True
 
-    def score(self, pool: Pool, *, target: Pool | None = None, loaded: Any = None, seed: int = 0,
-              progress: bool = True) -> ScoreResult:
-        from mechsieve.capture.gradients import KronProjector, linear_modules, per_example_grads
+    def check_inputs(self, pool: Pool, target: Pool | None, loaded: Any) -> None:
+        super().check_inputs(pool, None, loaded)  # the target is optional: it serves as queries
+
+    def tracked(self, loaded: Any, blocks: list[int], seed: int) -> tuple[list, Any]:
+        """The tracked linear modules and their seeded projector (built once per model and seed)."""
+        from mechsieve.capture.gradients import KronProjector, linear_modules
+
+        key = (id(loaded.model), tuple(blocks), seed)
+        if getattr(self, "_tracked_key", None) != key:
+            cfg = self.config
+            modules = linear_modules(loaded.model, blocks, cfg.track_kinds)
+            proj = KronProjector.make([tuple(m.weight.shape) for _, m in modules], cfg.proj_in, cfg.proj_out, seed)
+            self._tracked_key, self._tracked = key, (modules, proj)
+        return self._tracked
+
+    def gradients(self, loaded: Any, examples: list, blocks: list[int], seed: int, progress: bool) -> np.ndarray:
+        """[n, projected_dim] float32 projected loss gradients of `examples`."""
+        from mechsieve.capture.gradients import per_example_grads
         from mechsieve.data.render import render_pool
 
-        self.check_inputs(pool, None, loaded)
         cfg = self.config
-        queries = resolve_queries(cfg, target, seed)
+        modules, proj = self.tracked(loaded, blocks, seed)
+        rendered, _ = render_pool(examples, loaded.tokenizer, _render(cfg))
+        return per_example_grads(loaded.model, rendered, modules, projector=proj, pad_id=loaded.tokenizer.pad_token_id,
+                                 max_tokens=cfg.batch_size * cfg.max_len, max_batch=cfg.batch_size, progress=progress)
+
+    def prepare(self, pool: Pool, *, target: Pool | None = None, loaded: Any = None, seed: int = 0,
+                progress: bool = True) -> ShardState:
         start = time.perf_counter()
-        blocks = tracked_blocks(boundary_layer(loaded, cfg), cfg)
-        modules = linear_modules(loaded.model, blocks, cfg.track_kinds)
-        proj = KronProjector.make([tuple(m.weight.shape) for _, m in modules], cfg.proj_in, cfg.proj_out, seed)
-        rcfg = _render(cfg)
-        pad = loaded.tokenizer.pad_token_id
-        tokens = cfg.batch_size * cfg.max_len
-        q_rend, _ = render_pool(queries.examples, loaded.tokenizer, rcfg)
-        q = per_example_grads(loaded.model, q_rend, modules, projector=proj, pad_id=pad,
-                              max_tokens=tokens, max_batch=cfg.batch_size, progress=progress)
-        t_query = time.perf_counter() - start
+        queries = resolve_queries(self.config, target, seed)
+        blocks = tracked_blocks(boundary_layer(loaded, self.config), self.config)
+        q = self.gradients(loaded, queries.examples, blocks, seed, progress)
+        modules, proj = self.tracked(loaded, blocks, seed)
+        return {"query_mean": q.astype(np.float64).mean(0), "blocks": [int(b) for b in blocks], "seed": int(seed),
+                "explanations": {"tracked_blocks": [int(b) for b in blocks], "tracked_modules": len(modules),
+                                 "projected_dim": int(proj.dim), "queries": len(queries.examples)},
+                "timings": {"query": time.perf_counter() - start}}
+
+    def score_shard(self, shard: Pool, state: ShardState, loaded: Any = None, progress: bool = True
+                    ) -> ScoreResult:
         start = time.perf_counter()
-        rend, _ = render_pool(pool.examples, loaded.tokenizer, rcfg)
-        g = per_example_grads(loaded.model, rend, modules, projector=proj, pad_id=pad,
-                              max_tokens=tokens, max_batch=cfg.batch_size, progress=progress)
-        scores = cosine_to_mean(g, q)
-        return ScoreResult(scores, {"tracked_blocks": blocks, "tracked_modules": len(modules),
-                                    "projected_dim": proj.dim, "queries": len(queries.examples)},
-                           {"query": t_query, "score": time.perf_counter() - start})
+        g = self.gradients(loaded, shard.examples, state["blocks"], state["seed"], progress)
+        return ScoreResult(cosine_to(g, state["query_mean"]), {}, {"score": time.perf_counter() - start})
+
+
+def cosine_to(grads: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """cos(grads[i], query) -> [n] float64 (0 for a zero gradient)."""
+    q = np.asarray(query, dtype=np.float64)
+    g = grads.astype(np.float64)
+    denom = np.linalg.norm(g, axis=1) * np.linalg.norm(q)
+    return np.divide(g @ q, denom, out=np.zeros(len(g)), where=denom > 0)
 
 
 def cosine_to_mean(grads: np.ndarray, query_grads: np.ndarray) -> np.ndarray:
     """cos(grads[i], mean(query_grads)) -> [n] float64 (0 for a zero gradient)."""
-    q = query_grads.astype(np.float64).mean(0)
-    g = grads.astype(np.float64)
-    denom = np.linalg.norm(g, axis=1) * np.linalg.norm(q)
-    return np.divide(g @ q, denom, out=np.zeros(len(g)), where=denom > 0)
+    return cosine_to(grads, query_grads.astype(np.float64).mean(0))
 
 
 def _render(cfg: ConceptSource):

@@ -41,7 +41,7 @@ import torch
 from mechsieve.config import ConfigError, check_choice
 from mechsieve.data.records import Pool
 from mechsieve.features.sae_train import SaeTrainConfig
-from mechsieve.scorers.base import Scorer, ScorerError, ScoreResult
+from mechsieve.scorers.base import ScorerError, ScoreResult, ShardedScorer, ShardState
 from mechsieve.scorers.common import ModelScorerConfig, layer_pass, pad_id_of, render
 from mechsieve.scorers.igds_steer import dev_accuracy, dev_loss, latents_at, snippet_text
 
@@ -164,9 +164,25 @@ def keep_features(deltas: np.ndarray, keep: str, keep_top: int) -> tuple[np.ndar
     return (positive, False) if len(positive) else (order[:1], True)
 
 
+def sae_state(sae: Any) -> ShardState:
+    """An SAE as state entries: its tensors as float32 arrays (`sae.W_enc`, ...) and its settings."""
+    arrays = {f"sae.{k}": v.detach().float().cpu().numpy() for k, v in sae.tensors().items()}
+    return {**arrays, "sae": {"activation": sae.activation, "k": int(sae.k), "layer": sae.layer,
+                              "apply_b_dec_to_input": bool(sae.apply_b_dec_to_input), "source": sae.source}}
+
+
+def sae_from_state(state: ShardState) -> Any:
+    """The SAE that `sae_state` wrote (on the CPU)."""
+    from mechsieve.features.sae import SparseAutoencoder
+
+    tensors = {k[len("sae."):]: torch.from_numpy(np.array(v)) for k, v in state.items() if k.startswith("sae.")}
+    return SparseAutoencoder(tensors["W_enc"], tensors["b_enc"], tensors["W_dec"], tensors["b_dec"],
+                             threshold=tensors.get("threshold"), **state["sae"])
+
+
 # --- the scorer --------------------------------------------------------------------------------
 
-class Igds(Scorer):
+class Igds(ShardedScorer):
     """IGDS (ACL 2026, arXiv 2604.25167); see the module docstring for the differences."""
 
     name = "igds"
@@ -267,9 +283,10 @@ class Igds(Scorer):
                     deltas[c], best[c] = d, alpha
         return deltas, best, base
 
-    def score(self, pool: Pool, *, target: Pool | None = None, loaded: Any = None, seed: int = 0,
-              progress: bool = True) -> ScoreResult:
-        self.check_inputs(pool, target, loaded)
+    def prepare(self, pool: Pool, *, target: Pool | None = None, loaded: Any = None, seed: int = 0,
+                progress: bool = True) -> ShardState:
+        """The SAE and its kept features: SAE (trained if none given), recall, interventional
+        filtering. Everything but the pool pass."""
         cfg = self.config
         t = [time.perf_counter()]
         sae, train_report = self.get_sae(loaded, pool, target, progress)
@@ -289,17 +306,13 @@ class Igds(Scorer):
             kept_idx, fallback = keep_features(deltas, cfg.keep, cfg.keep_top)
         t.append(time.perf_counter())
         kept = rec.features[kept_idx]
-        weights = deltas[kept_idx] if cfg.weight == "delta" and cfg.filtering else None
-        scores, snippets = self.pool_pass(loaded, pool, sae, kept, weights, progress)
-        t.append(time.perf_counter())
         table = []
-        for pos, (c, j) in enumerate(zip(kept_idx, kept)):
+        for c, j in zip(kept_idx, kept):
             row = {"feature": int(j), "freq": round(float(rec.freq[j]), 4), "mean_act": round(float(rec.mean[j]), 5)}
             if rec.contrast_freq is not None:
                 row["contrast_freq"] = round(float(rec.contrast_freq[j]), 4)
             if cfg.filtering:
                 row.update(delta=round(float(deltas[c]), 6), best_alpha=float(alphas[c]))
-            row["snippets"] = snippets[pos]
             table.append(row)
         explanations = {
             "sae": sae.describe(), "layer": sae.layer, "position": cfg.position, "metric": cfg.metric,
@@ -310,12 +323,38 @@ class Igds(Scorer):
         }
         if train_report:
             explanations["sae_training"] = train_report
-        phases = ("sae", "recall", "filtering", "score_pool")
-        return ScoreResult(scores, explanations, {p: t[i + 1] - t[i] for i, p in enumerate(phases)})
+        state: ShardState = {**sae_state(sae), "kept": kept.astype(np.int64), "explanations": explanations,
+                             "timings": {p: t[i + 1] - t[i] for i, p in enumerate(("sae", "recall", "filtering"))}}
+        if cfg.weight == "delta" and cfg.filtering:
+            state["weights"] = deltas[kept_idx].astype(np.float64)
+        return state
+
+    def score_shard(self, shard: Pool, state: ShardState, loaded: Any = None, progress: bool = True
+                    ) -> ScoreResult:
+        """FRS of the shard's examples, and each kept latent's top snippets within the shard."""
+        start = time.perf_counter()
+        device = next(loaded.model.parameters()).device
+        sae = sae_from_state(state).to(device)
+        scores, snippets = self.pool_pass(loaded, shard, sae, state["kept"], state.get("weights"), progress)
+        return ScoreResult(scores, {"snippets": snippets}, {"score_pool": time.perf_counter() - start})
+
+    def combine(self, parts: list[ScoreResult], state: ShardState) -> ScoreResult:
+        """Scores in pool order; per latent, the best snippets over all shards (each shard sent its
+        own best, so the merge is exact; ties keep pool order, as one pass over the pool would)."""
+        explanations = dict(state["explanations"])
+        table = [dict(row) for row in explanations["features"]]
+        for pos, row in enumerate(table):
+            found = [s for p in parts for s in p.explanations["snippets"][pos]]
+            best = sorted(range(len(found)), key=lambda i: -found[i]["value"])[:self.config.snippets]
+            row["snippets"] = [{k: v for k, v in found[i].items() if k != "value"} for i in best]
+        explanations["features"] = table
+        timings = {**state["timings"], "score_pool": sum(p.timings["score_pool"] for p in parts)}
+        return ScoreResult(np.concatenate([p.scores for p in parts]), explanations, timings)
 
     def pool_pass(self, loaded: Any, pool: Pool, sae: Any, kept: np.ndarray, weights: np.ndarray | None,
                   progress: bool) -> tuple[np.ndarray, list[list[dict]]]:
-        """FRS of every pool example, and each kept latent's top-activating snippets."""
+        """FRS of every pool example, and each kept latent's top-activating snippets (`value`: the
+        unrounded activation, which `combine` ranks by and drops)."""
         cfg = self.config
         n = len(pool.examples)
         vals = np.zeros((n, len(kept)), dtype=np.float64)
@@ -338,6 +377,7 @@ class Igds(Scorer):
         for c in range(len(kept)):
             top = np.argsort(-vals[:, c], kind="stable")[:cfg.snippets]
             snippets.append([{"id": pool.examples[i].id, "act": round(float(vals[i, c]), 5),
-                              "text": snippet_text(loaded.tokenizer, rendered[i], int(where[i, c]))}
+                              "text": snippet_text(loaded.tokenizer, rendered[i], int(where[i, c])),
+                              "value": float(vals[i, c])}
                              for i in top if vals[i, c] > 0])
         return scores, snippets

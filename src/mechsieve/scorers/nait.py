@@ -35,7 +35,7 @@ from mechsieve.config import ConfigError, check_choice, to_dict
 from mechsieve.data.records import Pool
 from mechsieve.features.neurons import CapabilityDirections, fit_directions
 from mechsieve.models.hooks import hook_points
-from mechsieve.scorers.base import Scorer, ScorerError, ScoreResult
+from mechsieve.scorers.base import ScorerError, ScoreResult, ShardedScorer, ShardState
 from mechsieve.scorers.baselines import target_groups
 from mechsieve.scorers.common import ModelScorerConfig, layer_pass, pad_id_of, render
 
@@ -99,7 +99,7 @@ def layer_terms(proj: np.ndarray, norms: np.ndarray, dirs: CapabilityDirections,
     return (terms - mu[None]) / np.where(sd > 0, sd, 1.0)[None]
 
 
-class Nait(Scorer):
+class Nait(ShardedScorer):
     """NAIT (ICLR 2026, arXiv 2603.13201); see the module docstring for the differences."""
 
     name = "nait"
@@ -153,25 +153,56 @@ class Nait(Scorer):
             dirs.save(self.config.save_directions)
         return dirs
 
-    def score(self, pool: Pool, *, target: Pool | None = None, loaded: Any = None, seed: int = 0,
-              progress: bool = True) -> ScoreResult:
-        self.check_inputs(pool, target, loaded)
-        cfg = self.config
-        layers = hook_points(loaded.model).normalize_layers(cfg.layers)
+    def prepare(self, pool: Pool, *, target: Pool | None = None, loaded: Any = None, seed: int = 0,
+                progress: bool = True) -> ShardState:
+        """The capability directions (fitted on the target set, or loaded), as arrays."""
+        layers = hook_points(loaded.model).normalize_layers(self.config.layers)
         t0 = time.perf_counter()
         dirs = self.directions_for(loaded, target, layers, progress)
-        t1 = time.perf_counter()
-        proj, norms = self.project(loaded, pool, dirs, progress)
-        t3 = time.perf_counter()
-        per = layer_terms(proj, norms, dirs, cfg.similarity, cfg.normalize).sum(axis=2)  # [n, c]
+        return {"names": list(dirs.names), "layers": [int(x) for x in layers], "dir_layers": [int(x) for x in dirs.layers],
+                "directions": dirs.directions, "explained": dirs.explained, "proj_mean": dirs.proj_mean,
+                "proj_std": dirs.proj_std, "cos_mean": dirs.cos_mean, "cos_std": dirs.cos_std,
+                "timings": {"directions": time.perf_counter() - t0}}
+
+    @staticmethod
+    def directions_of(state: ShardState) -> CapabilityDirections:
+        return CapabilityDirections(state["names"], state["dir_layers"], state["directions"], state["explained"],
+                                    state["proj_mean"], state["proj_std"], state["cos_mean"], state["cos_std"])
+
+    def score_shard(self, shard: Pool, state: ShardState, loaded: Any = None, progress: bool = True
+                    ) -> ScoreResult:
+        """Projections of the shard's drifts; scores are final unless normalize=pool (then
+        `combine` normalises with the whole pool's statistics)."""
+        cfg = self.config
+        dirs = self.directions_of(state)
+        t0 = time.perf_counter()
+        proj, norms = self.project(loaded, shard, dirs, progress)
+        local = "none" if cfg.normalize == "pool" else cfg.normalize
+        per = layer_terms(proj, norms, dirs, cfg.similarity, local).sum(axis=2)  # [m, c]
+        return ScoreResult(per.max(axis=1), {}, {"forward_pool": time.perf_counter() - t0},
+                           per_target=per if len(dirs.names) > 1 else None, target_names=dirs.names,
+                           arrays={"proj": proj, "norms": norms})
+
+    def combine(self, parts: list[ScoreResult], state: ShardState) -> ScoreResult:
+        cfg = self.config
+        dirs = self.directions_of(state)
+        proj = np.concatenate([p.arrays["proj"] for p in parts])
+        norms = np.concatenate([p.arrays["norms"] for p in parts])
+        terms = layer_terms(proj, norms, dirs, cfg.similarity, cfg.normalize)  # [n, c, L]
+        per = terms.sum(axis=2)  # [n, c]
+        top = np.argsort(-per.max(axis=1), kind="stable")[:max(1, len(per) // 10)]  # the report shows these
         explanations = {
             "capabilities": dirs.names,
-            "layers": layers,
+            "layers": state["layers"],
             "explained_variance": {name: np.round(dirs.explained[c], 4).tolist() for c, name in enumerate(dirs.names)},
+            "layer_terms": {name: {"pool_mean": np.round(terms[:, c].mean(0), 6).tolist(),
+                                   "top_decile_mean": np.round(terms[top, c].mean(0), 6).tolist()}
+                            for c, name in enumerate(dirs.names)},
             "directions": cfg.directions or cfg.save_directions or None,
         }
-        return ScoreResult(per.max(axis=1), explanations,
-                           {"directions": t1 - t0, "forward_pool": t3 - t1},
+        timings = {"directions": state["timings"]["directions"],
+                   "forward_pool": sum(p.timings["forward_pool"] for p in parts)}
+        return ScoreResult(per.max(axis=1), explanations, timings,
                            per_target=per if len(dirs.names) > 1 else None, target_names=dirs.names)
 
     def project(self, loaded: Any, pool: Pool, dirs: CapabilityDirections, progress: bool = True

@@ -74,7 +74,19 @@ def select_examples(
     scorer = make_scorer(method, settings)
     t0 = time.perf_counter()
     result = scorer.score(pool, target=target, loaded=loaded, seed=seed, progress=progress)
-    t_score = time.perf_counter() - t0
+    return selection_from_result(method, scorer, result, pool, budget, seed=seed, order=order,
+                                 score_seconds=time.perf_counter() - t0)
+
+
+def selection_from_result(method: str, scorer: Any, result: Any, pool: Pool, budget: float | int | str, *,
+                          seed: int = 0, order: str | None = None, score_seconds: float = 0.0,
+                          recorded: dict[str, Any] | None = None) -> Selection:
+    """The global selection from a scorer's `ScoreResult` over the whole pool (used by
+    `select_examples` and by the engine, which computes the scores shard by shard).
+    `recorded`: extra entries for the selection's settings record."""
+    if method == "full":
+        budget = "full"
+    parsed = parse_budget(budget)
     scores = np.asarray(result.scores, dtype=np.float64)
     if scores.shape != (len(pool.examples),):
         raise SelectionError(f"{method} returned scores of shape {scores.shape} for {len(pool.examples)} examples")
@@ -85,11 +97,11 @@ def select_examples(
     t_select = time.perf_counter() - t1
     chosen = [ids[i] for i in picked.order if picked.selected[i]]
     timings = {**{k: round(float(v), 4) for k, v in result.timings.items()},
-               "score_total": round(t_score, 4), "select": round(t_select, 4)}
-    recorded = {"method": method, "budget": budget if not isinstance(budget, np.generic) else budget.item(),
+               "score_total": round(score_seconds, 4), "select": round(t_select, 4)}
+    settings = {"method": method, "budget": budget if not isinstance(budget, np.generic) else budget.item(),
                 "budget_kind": parsed.kind, "order": use_order, "seed": seed,
-                "targets": result.target_names, "scorer": scorer.settings()}
-    return Selection(chosen, scores, picked.ranks, picked.selected, result.explanations, timings, recorded)
+                "targets": result.target_names, "scorer": scorer.settings(), **(recorded or {})}
+    return Selection(chosen, scores, picked.ranks, picked.selected, result.explanations, timings, settings)
 
 
 def write_selection(pool: Pool, sel: Selection, out_dir: str | Path, extra: dict[str, Any] | None = None

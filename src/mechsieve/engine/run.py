@@ -1,0 +1,228 @@
+"""Running work through the engine: scoring (and selection), activation capture, XTF token scores.
+
+Each function plans the shards, opens the shard folder (resuming a run that was stopped), runs
+the step with the chosen executor and puts the shards' outputs back together on the driver:
+- `score_pool`: sharded scorers (`ShardedScorer`: nait, rds, loss, ifd, vector-filter, igds,
+  grad-sim) run `prepare` on the driver, `score_shard` per shard, `combine` on the driver.
+  Scorers that need the whole pool (k-center, influence, concept-influence, projection-diff)
+  run in process under `local`, and are refused under `ray`; scorers without a model (random,
+  full) always run on the driver: they cost nothing.
+- `select_pool`: `score_pool`, then the global selection on the driver from the score table.
+- `capture_sharded` / `token_scores_sharded`: capture with reductions / XTF token scores.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from mechsieve.engine.base import (
+    EngineConfig,
+    EngineError,
+    Executor,
+    Shard,
+    ShardOutput,
+    Step,
+    plan_shards,
+)
+from mechsieve.engine.shards import ShardStore
+
+
+def make_executor(cfg: EngineConfig) -> Executor:
+    if cfg.executor == "ray":
+        from mechsieve.engine.ray_executor import RayExecutor, require_ray
+
+        require_ray()  # fail before any model work when Ray is missing
+        return RayExecutor(cfg.ray_address, cfg.actors, cfg.gpus_per_actor, cfg.cpus_per_actor)
+    from mechsieve.engine.local import LocalExecutor
+
+    return LocalExecutor()
+
+
+def run_step(step: Step, shards: list[Shard], store: ShardStore, executor: Executor, progress: bool = True
+             ) -> dict[str, Any]:
+    """Run `step` on the shards `store` has no marker for; return a report of the run."""
+    done = store.done()
+    todo = [s for s in shards if s.index not in done]
+    start = time.perf_counter()
+    executor.execute(step, todo, lambda shard, out, seconds: store.write(shard.index, out, seconds), progress)
+    missing = sorted({s.index for s in shards} - store.done())
+    if missing:
+        raise EngineError(f"shards {missing[:10]} produced no output; rerun to resume")
+    return {**executor.describe(), "shards": len(shards), "shard_size": len(shards[0].examples) if shards else 0,
+            "resumed": len(shards) - len(todo), "ran": len(todo), "seconds": round(time.perf_counter() - start, 3),
+            **{k: round(v, 3) for k, v in getattr(executor, "timings", {}).items()}}
+
+
+def read_outputs(store: ShardStore, shards: list[Shard]) -> list[ShardOutput]:
+    return [store.read(s.index) for s in shards]
+
+
+def _loaded_model(model: Any) -> Any:
+    """`model` as a LoadedModel (loading a ModelConfig here, on the driver)."""
+    from mechsieve.models.loading import LoadedModel, load_model
+
+    if model is None or isinstance(model, LoadedModel):
+        return model
+    return load_model(model)
+
+
+# --- scoring -----------------------------------------------------------------------------------
+
+def score_pool(scorer: Any, pool: Any, *, target: Any = None, model: Any = None, seed: int = 0,
+               engine: EngineConfig | None = None, folder: str | Path | None = None, progress: bool = True
+               ) -> tuple[Any, dict[str, Any]]:
+    """Score `pool` with `scorer` (a Scorer, or a registered name) through the engine.
+
+    model: a LoadedModel, or a ModelConfig (loaded on the driver only when `prepare` must run;
+    Ray actors always load their own from its config). folder: the shard folder (needed when
+    the engine shards). Returns (ScoreResult, report of the engine run).
+    """
+    from mechsieve.engine.steps import ScoreStep, decode_result
+    from mechsieve.scorers.registry import make_scorer
+
+    engine = engine or EngineConfig()
+    scorer = make_scorer(scorer) if isinstance(scorer, str) else scorer
+    if not engine.sharded or not scorer.needs_model or not scorer.shardable:
+        if engine.executor == "ray" and scorer.needs_model and not scorer.shardable:
+            raise EngineError(f"{scorer.name} needs the whole pool at once and cannot run on Ray shards; "
+                              f"methods that can: {', '.join(shardable_methods())}. Use engine.executor=local "
+                              "(--engine local) for it")
+        start = time.perf_counter()
+        loaded = _loaded_model(model) if scorer.needs_model else None
+        result = scorer.score(pool, target=target, loaded=loaded, seed=seed, progress=progress)
+        return result, {"executor": "in-process", "seconds": round(time.perf_counter() - start, 3)}
+    if folder is None:
+        raise EngineError("a sharded run needs a folder for its shards (the command's --out)")
+    scorer.check_inputs(pool, target, model)
+    shards = plan_shards(pool.examples, engine.effective_shard_size())
+    executor = make_executor(engine)
+    step = ScoreStep(scorer, {}, model)
+    settings = {**step.settings(), "seed": seed, "pool": pool.fingerprint(), "shards": len(shards),
+                "target": target.fingerprint() if target is not None else None}
+    store = ShardStore(folder, settings, overwrite=engine.overwrite)
+    state = store.load_state()
+    t_prepare = 0.0
+    if state is None:
+        start = time.perf_counter()
+        loaded = _loaded_model(model)
+        state = store.save_state(scorer.prepare(pool, target=target, loaded=loaded, seed=seed, progress=progress))
+        t_prepare = time.perf_counter() - start
+        if step._loaded is None and executor.name == "local":
+            step._loaded = loaded  # the driver's model serves the local shards too
+    step.state = state
+    report = run_step(step, shards, store, executor, progress)
+    report["prepare_seconds"] = round(t_prepare, 3)
+    result = scorer.combine([decode_result(out) for out in read_outputs(store, shards)], state)
+    if not engine.keep_shards:
+        store.remove()
+    return result, report
+
+
+def shardable_methods() -> list[str]:
+    """Registered methods that the ray engine can run (sharded, or cheap on the driver)."""
+    from mechsieve.scorers.registry import available, get_scorer_class
+
+    return [name for name in available()
+            if get_scorer_class(name).shardable or not get_scorer_class(name).needs_model]
+
+
+def select_pool(method: str, pool: Any, budget: Any, *, target: Any = None, model: Any = None, seed: int = 0,
+                settings: dict[str, Any] | None = None, order: str | None = None,
+                engine: EngineConfig | None = None, folder: str | Path | None = None, progress: bool = True) -> Any:
+    """`select.select_examples` through the engine: the scores come from `score_pool`, the global
+    selection is made here, on the driver, from the score table."""
+    from mechsieve.scorers.registry import make_scorer
+    from mechsieve.select.budget import SelectionError, parse_budget
+    from mechsieve.select.pipeline import selection_from_result
+
+    engine = engine or EngineConfig()
+    if len(pool.examples) == 0:
+        raise SelectionError("the pool is empty: nothing to select (check the path and --limit)")
+    parse_budget("full" if method == "full" else budget).size(len(pool.examples))  # before any model work
+    scorer = make_scorer(method, settings)
+    t0 = time.perf_counter()
+    result, report = score_pool(scorer, pool, target=target, model=model, seed=seed, engine=engine, folder=folder,
+                                progress=progress)
+    return selection_from_result(method, scorer, result, pool, budget, seed=seed, order=order,
+                                 score_seconds=time.perf_counter() - t0, recorded={"engine": report})
+
+
+# --- capture and token scores ------------------------------------------------------------------
+
+def capture_sharded(model: Any, pool: Any, cfg: Any, render_cfg: Any, out_dir: str | Path,
+                    engine: EngineConfig, progress: bool = True, overwrite: bool = False
+                    ) -> tuple[Any, dict[str, Any]]:
+    """`capture.capture_pool` through the engine: the same activations artefact in `out_dir`,
+    shards under `out_dir/shards` while it runs. A finished capture made under the same settings
+    is reused (under others: refused) unless `overwrite`. Returns (CaptureResult, report)."""
+    import numpy as np
+
+    from mechsieve.capture.activations import CaptureResult, capture_settings, save_capture
+    from mechsieve.capture.batching import BatchPlan
+    from mechsieve.capture.forward import ForwardStats
+    from mechsieve.data.render import RenderStats
+    from mechsieve.engine.steps import CaptureStep
+    from mechsieve.store.artefacts import artefact_exists, load_artefact
+
+    if len(pool.examples) == 0:
+        raise ValueError("nothing to capture: the pool is empty")
+    step = CaptureStep(cfg, render_cfg, model)
+    # a LoadedModel's identity names its dtype; Ray actors pick theirs by device, so a capture
+    # made from a ModelConfig is keyed without it
+    identity = step.identity if step._loaded is None else step._loaded.identity
+    settings = capture_settings(identity, pool.fingerprint(), cfg, render_cfg)
+    if artefact_exists(out_dir, "activations") and not overwrite:
+        tensors, meta = load_artefact(out_dir, "activations", expected=settings)
+        arrays = {k: v for k, v in tensors.items() if k != "n_response_tokens"}
+        result = CaptureResult(arrays, meta["layers"], tensors["n_response_tokens"], BatchPlan([], 0, 0),
+                               ForwardStats(), resumed_examples=len(pool.examples))
+        return result, {"render": "reused", "truncated": 0, "cached": True, "engine": {"executor": engine.executor}}
+    shards = plan_shards(pool.examples, engine.effective_shard_size())
+    executor = make_executor(engine)
+    store = ShardStore(Path(out_dir) / "shards",
+                       {**step.settings(), "pool": pool.fingerprint(), "shards": len(shards)}, engine.overwrite)
+    report = run_step(step, shards, store, executor, progress)
+    outputs = read_outputs(store, shards)
+    names = list(cfg.reductions)
+    arrays = {name: np.concatenate([o.arrays[name] for o in outputs]) for name in names}
+    n_resp = np.concatenate([o.arrays["n_response_tokens"] for o in outputs])
+    stats = ForwardStats()
+    rstats = RenderStats()
+    for o in outputs:
+        f, r = o.meta["forward"], o.meta["render"]
+        stats.batches += f["batches"]
+        stats.real_tokens += f["real_tokens"]
+        stats.padded_tokens += f["padded_tokens"]
+        stats.seconds += f["seconds"]
+        for key in ("examples", "tokens", "response_tokens", "truncated", "no_response_left"):
+            setattr(rstats, key, getattr(rstats, key) + r[key])
+        rstats.truncated_ids.extend(r["truncated_ids"])
+    plan = BatchPlan([[] for _ in range(stats.batches)], stats.real_tokens, stats.padded_tokens)
+    result = CaptureResult(arrays, outputs[0].meta["layers"], n_resp, plan, stats)
+    save_capture(out_dir, result, settings, [ex.id for ex in pool.examples])
+    if not engine.keep_shards:
+        store.remove()
+    return result, {"render": rstats.summary(), "truncated": rstats.truncated, "cached": False, "engine": report}
+
+
+def token_scores_sharded(model: Any, examples: list[Any], xtf_cfg: Any, words: list[str], render_cfg: Any,
+                         folder: str | Path, engine: EngineConfig, progress: bool = True) -> Any:
+    """XTF per-token scores of `examples` through the engine (shards under `folder`); the masks are
+    then decided on the driver (`Xtf.decide`: TR's Multi-Otsu thresholds need every token)."""
+    from mechsieve.data.records import Pool
+    from mechsieve.engine.steps import TokenScoreStep, decode_token_scores
+
+    shards = plan_shards(examples, engine.effective_shard_size())
+    executor = make_executor(engine)
+    step = TokenScoreStep(xtf_cfg, words, render_cfg, model)
+    pool = Pool(list(examples), "", "memory", "memory")
+    store = ShardStore(folder, {**step.settings(), "pool": pool.fingerprint(), "shards": len(shards)},
+                       engine.overwrite)
+    report = run_step(step, shards, store, executor, progress)
+    scores = decode_token_scores(read_outputs(store, shards))
+    scores.info["engine"] = report
+    if not engine.keep_shards:
+        store.remove()
+    return scores
