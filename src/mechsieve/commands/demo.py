@@ -65,10 +65,12 @@ def run(args: argparse.Namespace) -> int:
     selection_outputs = select_step(loaded, pool, out, args.quiet)
     mask_outputs = mask_tokens_step(loaded, pool, out, args.quiet)
     igds_outputs = igds_step(loaded, pool, out, args.quiet)
+    folders = [out / "select-nait", out / "select-random", out / "select-igds", out / "mask-tokens"]
+    report = report_step(out, folders, pools=[pool], tokenizer=loaded.tokenizer)
     print(f"done in {time.perf_counter() - t0:.1f} s")
     print_outputs({"activations": out / "capture" / "activations.safetensors",
                    "settings": out / "capture" / "activations.json", **selection_outputs, **mask_outputs,
-                   **igds_outputs})
+                   **igds_outputs, "report": report})
     return 0
 
 
@@ -110,7 +112,8 @@ def mask_tokens_step(loaded, pool, out: Path, quiet: bool) -> dict[str, Path]:
     print(f"[5] masking noisy answer tokens of {len(examples)} GSM8K examples with XTF (reasoning "
           "importance, knowledge novelty, task relevance to the built-in math word list)")
     run = mask_examples(loaded, examples, XtfConfig(domain="math"), RenderConfig(max_len=256), progress=not quiet)
-    summary = write_masked(out / "mask-tokens", run, loaded.tokenizer, {"demo": True, "domain": "math"})
+    summary = write_masked(out / "mask-tokens", run, loaded.tokenizer,
+                           {"demo": True, "domain": "math", "model": loaded.identity})
     shares = ", ".join(f"{k} {v:.1%}" for k, v in summary["masked_share"].items())
     print(f"      masked {summary['masked_tokens']['union']} of {summary['eligible_tokens']} answer tokens "
           f"({shares}) in {run.seconds} s")
@@ -154,3 +157,14 @@ def igds_step(loaded, pool, out: Path, quiet: bool) -> dict[str, Path]:
     print("      selected per source: " + ", ".join(f"{s} {c}" for s, c in counts.items())
           + f" ({sel.timings.get('score_total', 0.0):.1f} s)")
     return {"igds subset": paths["subset"], "igds summary (feature table)": paths["summary"]}
+
+
+# --- step: the HTML report over the folders above, appended by the report stage -----------------
+def report_step(out: Path, folders: list[Path], pools: list | None = None, tokenizer=None) -> Path:
+    """Write one self-contained HTML page over the demo's run folders and say where it is."""
+    from mechsieve.report import build_report
+
+    path = build_report(folders, out / "report.html", pools=pools, tokenizer=tokenizer, title="mechsieve demo")
+    print(f"[7] report of the {len(folders)} runs above (score distributions, IGDS features, token masks): "
+          f"open {path} in a browser (works offline)")
+    return path
