@@ -26,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from mechsieve.commands._common import print_outputs
     from mechsieve.data.readers import read_examples, read_pool
     from mechsieve.data.render import RenderConfig
+    from mechsieve.data.writers import example_to_messages, write_jsonl
     from mechsieve.models.hooks import describe
     from mechsieve.models.loading import load_model
 
@@ -42,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
     mbpp = read_pool(sample_path("mbpp.jsonl"), field_map={"prompt": "text", "response": "code", "id": "task_id"},
                      source="mbpp")
     pool.examples += mbpp.examples
+    # one file holds the mixed pool, so every run folder records a pool path that has all its texts
+    # (`mechsieve report` re-reads it)
+    pool = read_pool(write_jsonl(out / "pool.jsonl", [example_to_messages(ex) for ex in pool.examples]))
     for source, count in pool.counts_by_source().items():
         print(f"      {source:<14} {count:>4} examples")
     print("[3] capturing the residual stream (mean over response, last prompt token, drift) at 4 layers")
