@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -124,7 +125,7 @@ def run_forward(
     stats = ForwardStats()
     bar = tqdm(total=sum(lengths.values()), unit="tok", desc=desc, disable=not progress,
                mininterval=1.0, leave=False)
-    attention_ctx = eager_attention(model) if spec.attention_layers else _null()
+    attention_ctx = eager_attention(model) if spec.attention_layers else nullcontext()
     start = time.perf_counter()
     try:
         with attention_ctx, torch.no_grad():
@@ -152,11 +153,3 @@ def run_forward(
         bar.close()
     stats.seconds = time.perf_counter() - start
     return stats
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

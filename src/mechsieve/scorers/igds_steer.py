@@ -11,7 +11,7 @@ decode of the whole latent vector.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -95,7 +95,7 @@ def dev_loss(loaded: Any, rendered: Sequence[Any], sae: Any, feature: int | None
     state: dict = {}
     total, count = 0.0, 0
     ctx = (steering(model, sae, sae.layer, feature, alpha, steer_mask_fn(state, cfg.steer_positions, cfg.position))
-           if feature is not None else _null())
+           if feature is not None else nullcontext())
     with ctx, torch.no_grad():
         for idx in plan.batches:
             batch = collate([rendered[i] for i in idx], pad_id_of(loaded), "right").to(device)
@@ -115,7 +115,7 @@ def dev_accuracy(loaded: Any, dev: Sequence[Any], sae: Any, feature: int | None,
     from mechsieve.evaluate.answers import exact_match
     from mechsieve.evaluate.generate import generate_greedy
 
-    ctx = steering(loaded.model, sae, sae.layer, feature, alpha) if feature is not None else _null()
+    ctx = steering(loaded.model, sae, sae.layer, feature, alpha) if feature is not None else nullcontext()
     with ctx:
         preds = generate_greedy(loaded.model, loaded.tokenizer, dev, cfg.render, cfg.max_new_tokens,
                                 cfg.max_tokens, cfg.max_batch, progress=False)
@@ -131,11 +131,3 @@ def snippet_text(tokenizer: Any, rendered: Any, pos: int, before: int = 24, afte
     mid = tokenizer.decode(ids[pos:pos + 1])
     right = tokenizer.decode(ids[pos + 1:pos + 1 + after], skip_special_tokens=True)
     return f"{left}[[{mid}]]{right}".replace("\n", "\\n")
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -18,6 +18,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,7 +184,7 @@ def train(loaded: LoadedModel, items: Sequence[TrainItem], cfg: TrainConfig,
         total = 0.0
         for k, batch in enumerate(group):
             sync = k == len(group) - 1
-            ctx = accelerator.no_sync(model) if (world > 1 and not sync) else _null()
+            ctx = accelerator.no_sync(model) if (world > 1 and not sync) else nullcontext()
             with ctx:
                 nll, _n = batch_nll_sum(model, batch)
                 # DDP averages gradients over processes; scaling by `world` makes it a sum.
@@ -230,11 +231,3 @@ def train(loaded: LoadedModel, items: Sequence[TrainItem], cfg: TrainConfig,
             "tokens_per_s": round(result.tokens_per_s, 2),
             "seconds_per_step": round(seconds / total_steps, 4)})
     return result
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
