@@ -32,12 +32,13 @@ def main() -> int:
     result = json.loads(OUT.read_text())
     s = result["settings"]
     tok = load_model(s["model"]).tokenizer
+    render_cfg = RenderConfig(max_len=s["max_len"])
     for task, entry in result["tasks"].items():
         if task == "gsm8k":
             examples, labels, _, _ = b2.gsm8k_task(tok, s["n"], s["share"], 100, s["max_len"], s["seed"])
         else:
             examples, labels, _, _ = b2.code_task(tok, s["n"], s["share"], s["max_len"], s["seed"])
-        lengths = np.array([int(render_example(ex, tok, RenderConfig(max_len=s["max_len"])).response_mask.sum())
+        lengths = np.array([int(render_example(ex, tok, render_cfg).response_mask.sum())
                             for ex in examples], dtype=np.float64)
         m = attribution_metrics(lengths, labels)
         entry["length_baseline"] = {"auc_pr": m["auc_pr"], "precision@40": m["precision@40"],
