@@ -18,12 +18,13 @@ import argparse
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from _common import command_line
 
 DATA = Path(os.environ.get("MECHSIEVE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 OUT = Path(__file__).parent / "results" / "attribution.json"
@@ -202,7 +203,7 @@ def main() -> int:
     torch.manual_seed(args.seed)
     loaded = load_model(args.model)
     tok = loaded.tokenizer
-    result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "settings": vars(args),
+    result = {"command": command_line(__file__), "settings": vars(args),
               "torch_threads": torch.get_num_threads(), "tasks": {}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

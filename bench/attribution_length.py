@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
+
+from _common import command_line
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "attribution.json"
@@ -44,7 +45,7 @@ def main() -> int:
         entry["length_baseline"] = {"auc_pr": m["auc_pr"], "precision@40": m["precision@40"],
                                     "mean_response_tokens": {"planted": float(lengths[labels].mean()),
                                                              "other": float(lengths[~labels].mean())},
-                                    "command": " ".join(["python", *sys.argv])}
+                                    "command": command_line(__file__)}
         print(f"[{task}] response length alone: AUC-PR {m['auc_pr']:.3f} P@40 {m['precision@40']:.3f}; "
               f"mean response tokens planted {lengths[labels].mean():.1f} vs other {lengths[~labels].mean():.1f}")
     OUT.write_text(json.dumps(result, indent=2) + "\n")

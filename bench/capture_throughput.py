@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _common import command_line
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 REDUCTIONS = ["mean_response", "last_prompt", "drift"]
@@ -113,7 +115,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"throughput on {args.examples} examples", flush=True)
     result = {"benchmark": "capture_throughput",
-              "command": "python bench/capture_throughput.py " + " ".join(sys.argv[1:]),
+              "command": command_line(__file__),
               "model": "smollm2-135m-instruct (float32, cpu)", "data": "shared/data/gsm8k/train.jsonl (first N)",
               "capture": {"layers": "all (30)", "site": "resid", "reductions": REDUCTIONS},
               "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),

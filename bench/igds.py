@@ -19,11 +19,12 @@ import argparse
 import importlib.util
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from _common import command_line
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -216,7 +217,7 @@ def main() -> int:
     results.update({"benchmark": "IGDS (SAE, B1, B1b)", "machine": {"platform": platform.platform(),
                                                                    "torch_threads": torch.get_num_threads()},
                     "model": f"{MODEL} (float32, CPU)"})
-    results.setdefault("commands", {})[args.phase] = " ".join([sys.executable.split("/")[-1], *sys.argv])
+    results.setdefault("commands", {})[args.phase] = command_line(__file__)
     RESULTS.mkdir(parents=True, exist_ok=True)
     loaded = load_model(MODEL)
     phases = ["sae", "b1", "b1b"] if args.phase == "all" else [args.phase]

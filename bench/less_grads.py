@@ -21,13 +21,14 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from _common import command_line
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -125,7 +126,7 @@ def main() -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
         "benchmark": "LESS per-example LoRA gradients: batched vs looped",
-        "command": " ".join(["python", *sys.argv]),
+        "command": command_line(__file__),
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(), "device": str(loaded.device)},
         "model": "tiny random Llama (2 layers, d=64; SmolLM2 tokenizer)" if args.tiny else

@@ -32,11 +32,12 @@ import argparse
 import ast
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from _common import command_line
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -400,7 +401,7 @@ def main() -> int:
     merge = args.merge if args.merge is not None else (args.methods != DEFAULT_METHODS or args.runs != DEFAULT_RUNS)
     results = (json.loads(OUT_JSON.read_text()) if OUT_JSON.exists()
                and (merge or args.phase in ("train", "variants", "rescore-ifd")) else {})
-    command = " ".join(["python", *sys.argv])
+    command = command_line(__file__)
     if merge and results:
         results.setdefault("merged_commands", []).append(command)
     else:

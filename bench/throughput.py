@@ -27,11 +27,12 @@ import importlib.util
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from _common import command_line
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -253,7 +254,7 @@ def main() -> None:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    result: dict = {"benchmark": "throughput", "command": "python bench/throughput.py " + " ".join(sys.argv[1:]),
+    result: dict = {"benchmark": "throughput", "command": command_line(__file__),
                     "model": f"{MODEL} (float32, cpu)",
                     "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                                 "platform": platform.platform()}}

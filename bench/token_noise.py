@@ -19,12 +19,13 @@ import json
 import pickle
 import platform
 import re
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+
+from _common import command_line
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    command = "python bench/token_noise.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line(__file__, argv)
     if args.phase in ("score", "all"):
         phase_score(args)
     with open(CACHE / "scores.pkl", "rb") as fh:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
+
+from _common import command_line
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "gsm8k"
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     s = result.settings
     report = {
         "benchmark": "train_smoke",
-        "command": "flock /tmp/mechsieve-bench.lock python bench/train_smoke.py " + " ".join(sys.argv[1:]),
+        "command": command_line(__file__, argv, runner="flock /tmp/mechsieve-bench.lock"),
         "model": loaded.identity,
         "data": {"train": str(DATA / "train.jsonl"), "train_examples": len(items),
                  "train_label_tokens": int(sum(it.n_targets for it in items)),
