@@ -132,6 +132,36 @@ def test_multiple_choice_matches_manual_scoring(make_model, tokenizer, tmp_path)
     assert res["chance"] == pytest.approx((1 / 4 + 1 / 3) / 2)
 
 
+def test_multiple_choice_on_known_option_loglikelihoods(tokenizer, tmp_path, monkeypatch):
+    """Accuracy by hand from stated option log-likelihoods. Question 1: the long right answer has
+    the lower total (-6 < -2) but the higher per character (-6/30 > -2/5), so only accuracy_norm
+    gets it; question 2: "B. not at all" wins both ways."""
+    import mechsieve.evaluate.choice as choice
+
+    rows = [{"question": "Which one?", "options": {"A": "the long and correct answer", "B": "no"},
+             "answer_idx": "A", "answer": "the long and correct answer"},
+            {"question": "Is it?", "options": {"A": "yes", "B": "not at all", "C": "maybe"},
+             "answer_idx": "B", "answer": "not at all"}]
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loglik = {"A. the long and correct answer": -6.0, "B. no": -2.0,
+              "A. yes": -3.0, "B. not at all": -2.6, "C. maybe": -4.0}
+
+    def known_logprobs(model, tok, items, *args, **kwargs):
+        out = []
+        for it in items:  # which option an item is, read from its response tokens
+            option = tok.decode(it.input_ids[it.labels != -100], skip_special_tokens=True).strip()
+            out.append(np.array([loglik[option] / 2, loglik[option] / 2]))  # two tokens: summed
+        return out
+
+    monkeypatch.setattr(choice, "label_logprobs", known_logprobs)
+    res = choice_accuracy(None, tokenizer, read_pool(path).examples, progress=False)
+    assert res["scores"] == [[-6.0, -2.0], [-3.0, -2.6, -4.0]]
+    assert res["predictions"] == ["B", "B"] and res["gold"] == ["A", "B"]
+    assert res["accuracy"] == 0.5 and res["accuracy_norm"] == 1.0
+    assert res["chance"] == pytest.approx((1 / 2 + 1 / 3) / 2) and res["examples"] == 2
+
+
 def test_rouge_l_on_known_pairs():
     # LCS of "the cat sat on the mat" / "the cat is on the mat" = "the cat on the mat" (5 of 6 words).
     got = rouge_l(["the cat sat on the mat"], ["the cat is on the mat"], stemmer=False)
@@ -182,7 +212,27 @@ def test_tasks_read_through_the_readers(make_model, tokenizer):
                           progress=False)
     assert loss["metrics"]["loss_per_token"] == pytest.approx(direct["loss_per_token"])
     assert loss["name"] == "gsm8k_target-loss"
+
+
+def test_exact_match_task_on_known_generations(make_model, tokenizer, monkeypatch):
+    """The model really generates (the task's call is exercised), then known texts are scored
+    against the references' answers 10, 34 and 5250: one hit, one wrong, one without a number."""
+    import mechsieve.evaluate.generate as generate
+
+    texts = ["The car went 10.0 meters.", "#### 35", "I cannot tell."]
+    real, generated = generate.generate_greedy, []
+
+    def known_texts(*args, **kwargs):
+        generated.append(real(*args, **kwargs))
+        return texts
+
+    monkeypatch.setattr(generate, "generate_greedy", known_texts)
+    loaded = LoadedModel(make_model("llama"), tokenizer, {"kind": "test"})
+    data = DataConfig(path=str(SAMPLES / "gsm8k_target.jsonl"), limit=3)
     em = evaluate_task(loaded, TaskConfig(task="exact_match", data=data, max_new_tokens=4), progress=False,
                        keep_outputs=True)
-    hits = [p is not None and p == g for p, g in zip(em["outputs"]["extracted"], em["outputs"]["gold"])]
-    assert em["metrics"]["accuracy"] == sum(hits) / 3 and em["outputs"]["gold"][0] is not None
+    assert len(generated) == 1 and len(generated[0]) == 3
+    assert em["metrics"] == {"accuracy": 1 / 3, "examples": 3, "no_answer": 1}
+    assert em["outputs"]["extracted"] == ["10", "35", None]
+    assert em["outputs"]["gold"] == ["10", "34", "5250"]
+    assert em["outputs"]["generated"] == texts

@@ -1,10 +1,12 @@
 """Response masks, worked by hand: the decoded masked tokens are exactly the assistant text."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 from mechsieve.config import ConfigError
-from mechsieve.data import Example, RenderConfig, render_example, render_pool
+from mechsieve.data import Example, RenderConfig, pad_id, render_example, render_pool
 
 
 def ex(prompt, response, id_="x"):
@@ -92,3 +94,20 @@ def test_bad_render_settings():
         RenderConfig(template="fancy")
     with pytest.raises(ConfigError, match="render.max_len"):
         RenderConfig(max_len=1)
+
+
+@pytest.mark.parametrize("pad,eos,expected", [
+    (3, 2, 3),  # the pad token when there is one
+    (0, 2, 0),  # id 0 is a pad token like any other, not a missing one
+    (None, 2, 2),  # else EOS
+    (None, 0, 0),
+    (None, None, 0),  # else 0
+    (np.int64(7), None, 7),
+])
+def test_pad_id_is_pad_then_eos_then_zero(pad, eos, expected):
+    got = pad_id(SimpleNamespace(pad_token_id=pad, eos_token_id=eos))
+    assert got == expected and type(got) is int
+
+
+def test_pad_id_of_the_test_tokenizer(tokenizer):
+    assert pad_id(tokenizer) == tokenizer.convert_tokens_to_ids("<pad>") == 3

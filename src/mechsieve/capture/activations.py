@@ -21,7 +21,7 @@ from mechsieve.capture.batching import BatchPlan, plan_batches
 from mechsieve.capture.forward import BatchContext, ForwardSpec, ForwardStats, run_forward
 from mechsieve.capture.reductions import REDUCTIONS
 from mechsieve.config import ConfigError, check_choice, to_dict
-from mechsieve.data.render import Rendered
+from mechsieve.data.render import Rendered, pad_id
 from mechsieve.models.hooks import hook_points
 
 Consumer = Callable[[BatchContext, int, torch.Tensor], None]
@@ -243,7 +243,7 @@ def capture_pool(
             report["cached"] = True
             return result, report
         writer = ChunkedWriter(out_dir, "activations", settings, overwrite=overwrite)
-    result = capture(loaded.model, rendered, cfg, pad_id=loaded.tokenizer.pad_token_id,
+    result = capture(loaded.model, rendered, cfg, pad_id=pad_id(loaded.tokenizer),
                      consumer=consumer, writer=writer, progress=progress)
     if out_dir is not None:
         save_capture(out_dir, result, settings, [ex.id for ex in pool.examples])

@@ -22,6 +22,8 @@ from mechsieve.commands._common import (
     model_flags,
     print_outputs,
 )
+from mechsieve.data.readers import DataConfig
+from mechsieve.models.loading import ModelConfig
 
 NAME = "attribute"
 HELP = "rank training examples by their attribution to a concept or to query examples"
@@ -31,9 +33,6 @@ METHODS = ("vector-filter", "projection-diff", "concept-influence", "influence",
 @dataclass
 class AttributeCommand:
     """Settings of `mechsieve attribute`."""
-
-    from mechsieve.data.readers import DataConfig
-    from mechsieve.models.loading import ModelConfig
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

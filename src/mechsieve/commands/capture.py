@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mechsieve.capture.activations import CaptureConfig
 from mechsieve.commands._common import (
     add_config_flags,
     add_data_flags,
@@ -19,6 +20,10 @@ from mechsieve.commands._common import (
     model_flags,
     print_outputs,
 )
+from mechsieve.data.readers import DataConfig
+from mechsieve.data.render import RenderConfig
+from mechsieve.engine.base import EngineConfig
+from mechsieve.models.loading import ModelConfig
 
 NAME = "capture"
 HELP = "capture per-example activations (residual stream or MLP neurons) of a pool"
@@ -27,12 +32,6 @@ HELP = "capture per-example activations (residual stream or MLP neurons) of a po
 @dataclass
 class CaptureCommand:
     """Settings of `mechsieve capture`."""
-
-    from mechsieve.capture.activations import CaptureConfig
-    from mechsieve.data.readers import DataConfig
-    from mechsieve.data.render import RenderConfig
-    from mechsieve.engine.base import EngineConfig
-    from mechsieve.models.loading import ModelConfig
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

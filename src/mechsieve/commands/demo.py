@@ -107,10 +107,9 @@ def select_step(loaded, pool, out: Path, quiet: bool) -> dict[str, Path]:
 # --- step: token masks (XTF), appended by the token-masking stage -------------------------------
 def mask_tokens_step(loaded, pool, out: Path, quiet: bool) -> dict[str, Path]:
     """Mask noisy tokens of the GSM8K answers with XTF; show one answer with its masked tokens."""
-    from mechsieve.commands.mask_tokens import mask_examples, write_masked
     from mechsieve.data.render import RenderConfig
+    from mechsieve.tokens import XtfConfig, mask_examples, write_masked
     from mechsieve.tokens.summary import marked_response
-    from mechsieve.tokens.xtf import XtfConfig
 
     examples = [ex for ex in pool.examples if ex.source == "gsm8k_train"] or pool.examples[:32]
     print(f"[5] masking noisy answer tokens of {len(examples)} GSM8K examples with XTF (reasoning "

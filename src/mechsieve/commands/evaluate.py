@@ -15,6 +15,9 @@ from mechsieve.commands._common import (
     model_flags,
     print_outputs,
 )
+from mechsieve.data.render import RenderConfig
+from mechsieve.evaluate.tasks import TaskConfig
+from mechsieve.models.loading import ModelConfig
 
 NAME = "evaluate"
 HELP = "held-out loss, exact match, multiple choice, ROUGE-L or chrF of a model (+ adapter)"
@@ -23,10 +26,6 @@ HELP = "held-out loss, exact match, multiple choice, ROUGE-L or chrF of a model 
 @dataclass
 class EvaluateCommand:
     """Settings of `mechsieve evaluate`."""
-
-    from mechsieve.data.render import RenderConfig
-    from mechsieve.evaluate.tasks import TaskConfig
-    from mechsieve.models.loading import ModelConfig
 
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: str = ""

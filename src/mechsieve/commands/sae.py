@@ -14,6 +14,10 @@ from mechsieve.commands._common import (
     model_flags,
     print_outputs,
 )
+from mechsieve.data.readers import DataConfig
+from mechsieve.data.render import RenderConfig
+from mechsieve.features.sae_train import SaeTrainConfig
+from mechsieve.models.loading import ModelConfig
 
 NAME = "sae"
 HELP = "sparse autoencoders: train a TopK SAE on a layer (train), or describe one (info)"
@@ -22,11 +26,6 @@ HELP = "sparse autoencoders: train a TopK SAE on a layer (train), or describe on
 @dataclass
 class SaeTrainCommand:
     """Settings of `mechsieve sae train`."""
-
-    from mechsieve.data.readers import DataConfig
-    from mechsieve.data.render import RenderConfig
-    from mechsieve.features.sae_train import SaeTrainConfig
-    from mechsieve.models.loading import ModelConfig
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -19,6 +19,9 @@ from mechsieve.commands._common import (
     model_flags,
     print_outputs,
 )
+from mechsieve.data.readers import DataConfig
+from mechsieve.engine.base import EngineConfig
+from mechsieve.models.loading import ModelConfig
 
 NAME = "select"
 HELP = "select a subset of a pool for a target capability (nait, rds, loss, ifd, kcenter, random, full, ...)"
@@ -27,10 +30,6 @@ HELP = "select a subset of a pool for a target capability (nait, rds, loss, ifd,
 @dataclass
 class SelectCommand:
     """Settings of `mechsieve select`."""
-
-    from mechsieve.data.readers import DataConfig
-    from mechsieve.engine.base import EngineConfig
-    from mechsieve.models.loading import ModelConfig
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

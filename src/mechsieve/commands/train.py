@@ -15,6 +15,10 @@ from mechsieve.commands._common import (
     model_flags,
     print_outputs,
 )
+from mechsieve.data.readers import DataConfig
+from mechsieve.data.render import RenderConfig
+from mechsieve.models.loading import ModelConfig
+from mechsieve.train.config import TrainConfig
 
 NAME = "train"
 HELP = "fine-tune (LoRA by default) on a pool or on tokenized items whose labels carry token masks"
@@ -23,11 +27,6 @@ HELP = "fine-tune (LoRA by default) on a pool or on tokenized items whose labels
 @dataclass
 class TrainCommand:
     """Settings of `mechsieve train`."""
-
-    from mechsieve.data.readers import DataConfig
-    from mechsieve.data.render import RenderConfig
-    from mechsieve.models.loading import ModelConfig
-    from mechsieve.train.config import TrainConfig
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -5,6 +5,7 @@ The tokenizer's chat template is used when it has one (plain `text` records exce
 assistant turn's text is located by rendering the chat up to the turn with and without it, and
 every token whose characters overlap it is a response token (the end-of-turn marker included, so
 the model learns to stop). Truncation to `max_len` keeps the start, and is counted, never silent.
+`pad_id` is the one rule for the id that padded batches of rendered examples are filled with.
 """
 
 from __future__ import annotations
@@ -81,6 +82,20 @@ class RenderStats:
 
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id that fills padded positions: the tokenizer's pad token, else EOS, else 0.
+
+    Padded positions are left out by the attention mask (and carry label -100 and no response
+    mask), so the value never reaches a loss, a gradient or a score; it only has to be a valid
+    token id. `load_model` gives a tokenizer without a pad token EOS as its pad token; the
+    fallbacks here serve tokenizers loaded elsewhere.
+    """
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
 
 
 def render_example(ex: Example, tokenizer: Any, cfg: RenderConfig | None = None,

@@ -137,11 +137,11 @@ class CaptureStep(ModelStep):
 
     def run(self, shard: Shard) -> ShardOutput:
         from mechsieve.capture.activations import capture
-        from mechsieve.data.render import render_pool
+        from mechsieve.data.render import pad_id, render_pool
 
         loaded = self.loaded
         rendered, stats = render_pool(shard.examples, loaded.tokenizer, self.render_cfg)
-        result = capture(loaded.model, rendered, self.capture_cfg, pad_id=loaded.tokenizer.pad_token_id, progress=False)
+        result = capture(loaded.model, rendered, self.capture_cfg, pad_id=pad_id(loaded.tokenizer), progress=False)
         arrays = {**result.arrays, "n_response_tokens": result.n_response_tokens}
         meta = {"layers": result.layers,
                 "render": {"examples": stats.examples, "tokens": stats.tokens, "response_tokens": stats.response_tokens,

@@ -9,7 +9,7 @@ import torch
 
 from mechsieve.capture.batching import collate, plan_batches
 from mechsieve.data.records import Example
-from mechsieve.data.render import RenderConfig, render_example
+from mechsieve.data.render import RenderConfig, pad_id, render_example
 
 END_MARKERS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>")
 
@@ -31,7 +31,7 @@ def generate_greedy(model: Any, tokenizer: Any, examples: Sequence[Example], ren
 
     rendered = [render_example(ex, tokenizer, render_cfg, add_generation_prompt=True) for ex in examples]
     plan = plan_batches([len(r) + max_new_tokens for r in rendered], max_tokens, max_batch)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     device = next(model.parameters()).device
     eos = stop_ids(tokenizer)
     out: list[str] = [""] * len(examples)
@@ -41,10 +41,10 @@ def generate_greedy(model: Any, tokenizer: Any, examples: Sequence[Example], ren
     try:
         with torch.no_grad():
             for idx in plan.batches:
-                batch = collate([rendered[i] for i in idx], pad_id, "left").to(device)
+                batch = collate([rendered[i] for i in idx], pad, "left").to(device)
                 gen = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                      max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                     eos_token_id=eos, pad_token_id=pad_id, temperature=None, top_p=None,
+                                     eos_token_id=eos, pad_token_id=pad, temperature=None, top_p=None,
                                      top_k=None)
                 new = gen[:, batch.input_ids.shape[1]:]
                 for row, i in enumerate(idx):

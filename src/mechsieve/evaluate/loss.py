@@ -16,7 +16,7 @@ import torch
 from mechsieve.capture.batching import plan_batches
 from mechsieve.capture.forward import ForwardSpec, run_forward
 from mechsieve.data.records import Example
-from mechsieve.data.render import RenderConfig, Rendered
+from mechsieve.data.render import RenderConfig, Rendered, pad_id
 from mechsieve.train.items import IGNORE, TrainItem, items_from_examples
 
 
@@ -35,7 +35,6 @@ def label_logprobs(model: Any, tokenizer: Any, items: Sequence[TrainItem], max_t
     rendered = [Rendered(it.input_ids, it.labels != IGNORE, 0, 0) for it in items]
     plan = plan_batches([len(r) for r in rendered], max_tokens)
     out: list[np.ndarray] = [np.zeros(0)] * len(items)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def on_logits(ctx, logits: torch.Tensor) -> None:
         for row, i in enumerate(ctx.indices):
@@ -49,7 +48,7 @@ def label_logprobs(model: Any, tokenizer: Any, items: Sequence[TrainItem], max_t
     was_training = model.training
     model.eval()
     try:
-        run_forward(model, rendered, plan, ForwardSpec(need_logits=True), pad_id, on_logits=on_logits,
+        run_forward(model, rendered, plan, ForwardSpec(need_logits=True), pad_id(tokenizer), on_logits=on_logits,
                     progress=progress, desc=desc)
     finally:
         model.train(was_training)

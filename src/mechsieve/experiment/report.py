@@ -26,6 +26,14 @@ def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
     return list(seen)
 
 
+def mean_std(values: Any) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1) of `values`; the std of a single value is 0."""
+    arr = np.asarray(list(values), dtype=np.float64)
+    if arr.size == 0:
+        raise ValueError("mean_std of no values")
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per method: seeds, and for each numeric column its mean, std (ddof=1; 0 for one seed) and
     delta of the mean against the `full` method's mean (when `full` ran)."""
@@ -39,9 +47,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             values = [r[col] for r in mine if isinstance(r.get(col), (int, float)) and not isinstance(r.get(col), bool)]
             if not values:
                 continue
-            arr = np.asarray(values, dtype=np.float64)
-            stats[col] = {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
-                          "n": len(arr)}
+            mean, std = mean_std(values)
+            stats[col] = {"mean": mean, "std": std, "n": len(values)}
         out[method] = stats
     if "full" in out:
         for stats in out.values():

@@ -16,15 +16,22 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from mechsieve.config import to_dict
+from mechsieve.data.readers import read_pool
+from mechsieve.data.records import Pool
+from mechsieve.evaluate.tasks import evaluate_task
 from mechsieve.experiment.config import ExperimentConfig
-from mechsieve.store import Cache, CacheEntry, save_artefact
+from mechsieve.experiment.report import write_results
+from mechsieve.models.loading import LoadedModel, load_model
+from mechsieve.store import Cache, save_artefact
+from mechsieve.train.items import TrainItem, items_from_examples
 
 
 @dataclass
@@ -64,131 +71,192 @@ def _numeric(metrics: dict[str, Any]) -> dict[str, np.ndarray]:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+@dataclass
+class _Run:
+    """What every step of one experiment reads: its settings, the cache, the data and the base
+    model; and what the steps record as they go (cache hits, the evaluation data's fingerprints)."""
+
+    cfg: ExperimentConfig
+    cache: Cache
+    pool: Pool
+    target: Pool | None
+    items: list[TrainItem]
+    """The pool rendered for training, aligned with pool.examples."""
+    base: LoadedModel
+    progress: bool
+    log: Callable[[str], None]
+    render: dict[str, Any] = field(init=False)
+    """cfg.render as a dict: part of the training and evaluation cache keys."""
+    pool_fp: str = field(init=False)
+    target_fp: str | None = field(init=False)
+    hits: dict[str, int] = field(default_factory=lambda: {"selection": 0, "train": 0, "eval": 0})
+    task_fps: dict[str, str] = field(default_factory=dict)
+    """Fingerprint of each evaluation set, by task label."""
+
+    def __post_init__(self) -> None:
+        self.render = to_dict(self.cfg.render)
+        self.pool_fp = self.pool.fingerprint()
+        self.target_fp = self.target.fingerprint() if self.target is not None else None
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return self.base.identity
+
+
+class _Trained(NamedTuple):
+    """One training entry: its result, its key, and the model when it was trained just now."""
+
+    result: dict[str, Any]
+    """steps, tokens, seconds, final_loss, first_loss."""
+    key: str
+    """The entry's folder name, which its evaluations are keyed by."""
+    adapter: Path
+    model: LoadedModel | None
+    """The model just trained; None when the entry came from the cache (its adapter is loaded
+    when an evaluation needs it)."""
+
+
 def run_experiment(cfg: ExperimentConfig, progress: bool = True, log: Callable[[str], None] = print
                    ) -> ExperimentResult:
     """Run (or resume) the whole experiment; writes results.json / .csv / .png under cfg.out."""
-    from mechsieve.data.readers import read_pool
-    from mechsieve.evaluate.tasks import evaluate_task
-    from mechsieve.experiment.report import write_results
-    from mechsieve.models.loading import LoadedModel, load_model
-    from mechsieve.select.pipeline import select_examples
-    from mechsieve.train import TrainResult, items_from_examples, load_adapter, train
-
-    out = Path(cfg.out)
-    cache = Cache(cfg.cache or out / "cache")
     pool = read_pool(cfg.pool)
     target = read_pool(cfg.target) if cfg.target.path else None
     base = load_model(cfg.model)
-    identity = base.identity
-    render = to_dict(cfg.render)
     items = items_from_examples(pool.examples, base.tokenizer, cfg.render)
+    run = _Run(cfg, Cache(cfg.cache or Path(cfg.out) / "cache"), pool, target, items, base, progress, log)
     steps, steps_from = equal_steps(cfg, [len(it) for it in items])
     log(f"pool: {len(pool)} examples from {pool.path}; budget {cfg.budget}; seeds {cfg.seeds}; "
         f"methods {cfg.methods}")
     log(f"training budget: every run trains for {steps} optimizer steps "
         f"(max_tokens={cfg.train.max_tokens} per micro-batch, grad_accum={cfg.train.grad_accum}; from {steps_from})")
-    hits = {"selection": 0, "train": 0, "eval": 0}
-    pool_fp = pool.fingerprint()
-    target_fp = target.fingerprint() if target is not None else None
-    task_fps: dict[str, str] = {}
-
-    def fresh() -> LoadedModel:
-        if hasattr(base.model, "peft_config"):
-            raise RuntimeError("the base model was wrapped in place by a selection method; it cannot be reused")
-        return LoadedModel(copy.deepcopy(base.model), base.tokenizer, identity, base.config)
-
-    def evaluate_all(train_key: str, model_of: Callable[[], LoadedModel]) -> tuple[dict[str, float], float]:
-        metrics: dict[str, float] = {}
-        seconds = 0.0
-        loaded = None
-        for task in cfg.eval:
-            entry = cache.entry("eval", identity, train_key,
-                                {"task": to_dict(task), "render": render}, name="metrics")
-            if entry.exists():
-                _, meta = entry.load()
-                result = meta["result"]
-                hits["eval"] += 1
-            else:
-                loaded = loaded or model_of()
-                result = evaluate_task(loaded, task, cfg.render, progress=progress)
-                save_artefact(entry.folder, entry.name, _numeric(result["metrics"]), entry.key,
-                              extra={"result": result})
-            task_fps[task.label()] = result["fingerprint"]
-            seconds += result["seconds"]
-            for key, value in result["metrics"].items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    metrics[f"{task.label()}/{key}"] = float(value)
-        return metrics, seconds
-
-    rows: list[dict[str, Any]] = []
-    if cfg.eval_base:
-        metrics, secs = evaluate_all("base", lambda: base)
-        rows.append({"method": "base", "seed": None, "selected": 0, "steps": 0, "train_tokens": 0,
-                     "train_seconds": 0.0, "select_seconds": 0.0, "eval_seconds": round(secs, 3),
-                     "final_train_loss": None, **metrics})
-        log("base: " + _brief(metrics, cfg))
-    ids = [ex.id for ex in pool.examples]
+    rows = [_base_row(run)] if cfg.eval_base else []
     for seed in cfg.seeds:
         for method in cfg.methods:
-            settings = cfg.method_settings.get(method)
-            sel_entry = cache.entry("selection", identity, pool_fp,
-                                    {"method": method, "budget": cfg.budget, "seed": seed,
-                                     "method_settings": settings, "target": target_fp}, name="selection")
-            if sel_entry.exists():
-                tensors, meta = sel_entry.load()
-                selected = tensors["selected"].astype(bool)
-                select_seconds = float(meta["seconds"])
-                hits["selection"] += 1
-            else:
-                t0 = time.perf_counter()
-                sel = select_examples(method, pool, cfg.budget, target=target, loaded=base, seed=seed,
-                                      settings=settings, progress=progress)
-                select_seconds = time.perf_counter() - t0
-                selected = np.asarray(sel.selected, dtype=bool)
-                save_artefact(sel_entry.folder, sel_entry.name,
-                              {"scores": np.asarray(sel.scores, np.float64), "ranks": np.asarray(sel.ranks, np.int64),
-                               "selected": selected.astype(np.uint8)}, sel_entry.key,
-                              extra={"ids": sel.ids, "seconds": select_seconds, "timings": sel.timings,
-                                     "settings_recorded": sel.settings})
-            chosen = [i for i in range(len(ids)) if selected[i]]
-            train_cfg = dataclasses.replace(cfg.train, seed=seed, max_steps=steps)
-            train_entry = cache.entry("train", identity, _digest([pool_fp, *[ids[i] for i in chosen]]),
-                                      {"train": to_dict(train_cfg), "render": render}, name="train")
-            model_holder: dict[str, LoadedModel] = {}
-            if train_entry.exists():
-                tensors, meta = train_entry.load()
-                tr = meta["result"]
-                hits["train"] += 1
-            else:
-                loaded = fresh()
-                log(f"[seed {seed}] {method}: training on {len(chosen)} examples for {steps} steps")
-                res: TrainResult = train(loaded, [items[i] for i in chosen], train_cfg,
-                                         out_dir=train_entry.folder / "adapter", progress=progress)
-                tr = {"steps": res.steps, "tokens": res.tokens, "seconds": round(res.seconds, 3),
-                      "final_loss": res.loss_curve[-1], "first_loss": res.loss_curve[0]}
-                save_artefact(train_entry.folder, train_entry.name,
-                              {"loss_curve": np.asarray(res.loss_curve, np.float64)}, train_entry.key,
-                              extra={"result": tr})
-                model_holder["m"] = loaded
-
-            def trained_model(entry: CacheEntry = train_entry, holder: dict = model_holder) -> LoadedModel:
-                if "m" not in holder:
-                    holder["m"] = load_adapter(fresh(), entry.folder / "adapter")
-                return holder["m"]
-
-            train_key = train_entry.folder.name
-            metrics, secs = evaluate_all(train_key, trained_model)
-            row = {"method": method, "seed": seed, "selected": len(chosen), "steps": tr["steps"],
-                   "train_tokens": tr["tokens"], "train_seconds": tr["seconds"],
-                   "select_seconds": round(select_seconds, 3), "eval_seconds": round(secs, 3),
-                   "final_train_loss": tr["final_loss"], **metrics}
-            rows.append(row)
-            log(f"[seed {seed}] {method}: {len(chosen)} selected; " + _brief(metrics, cfg))
-    summary_extra = {"steps": steps, "steps_from": steps_from, "cache_hits": hits,
-                     "pool": {"path": pool.path, "examples": len(pool), "fingerprint": pool_fp},
-                     "eval_data": task_fps, "model": identity}
+            rows.append(_method_row(run, method, seed, steps))
+    summary_extra = {"steps": steps, "steps_from": steps_from, "cache_hits": run.hits,
+                     "pool": {"path": pool.path, "examples": len(pool), "fingerprint": run.pool_fp},
+                     "eval_data": run.task_fps, "model": run.identity}
     outputs = write_results(cfg, rows, summary_extra)
-    return ExperimentResult(rows, steps, steps_from, hits, outputs)
+    return ExperimentResult(rows, steps, steps_from, run.hits, outputs)
+
+
+def _base_row(run: _Run) -> dict[str, Any]:
+    """The untrained model's row: evaluated only."""
+    metrics, secs = _evaluate_all(run, "base", lambda: run.base)
+    run.log("base: " + _brief(metrics, run.cfg))
+    return {"method": "base", "seed": None, "selected": 0, "steps": 0, "train_tokens": 0,
+            "train_seconds": 0.0, "select_seconds": 0.0, "eval_seconds": round(secs, 3),
+            "final_train_loss": None, **metrics}
+
+
+def _method_row(run: _Run, method: str, seed: int, steps: int) -> dict[str, Any]:
+    """One method under one seed: select, train for `steps`, evaluate."""
+    selected, select_seconds = _select_cached(run, method, seed)
+    chosen = [i for i in range(len(run.pool.examples)) if selected[i]]
+    trained = _train_cached(run, method, chosen, seed, steps)
+    metrics, secs = _evaluate_all(run, trained.key, partial(_trained_model, run, trained))
+    tr = trained.result
+    run.log(f"[seed {seed}] {method}: {len(chosen)} selected; " + _brief(metrics, run.cfg))
+    return {"method": method, "seed": seed, "selected": len(chosen), "steps": tr["steps"],
+            "train_tokens": tr["tokens"], "train_seconds": tr["seconds"],
+            "select_seconds": round(select_seconds, 3), "eval_seconds": round(secs, 3),
+            "final_train_loss": tr["final_loss"], **metrics}
+
+
+def _select_cached(run: _Run, method: str, seed: int) -> tuple[np.ndarray, float]:
+    """The selection of `method` under `seed` (cached by pool, method settings, budget and target)
+    -> (selected: [n] bool, seconds the selection took when it was made)."""
+    from mechsieve.select.pipeline import select_examples
+
+    cfg = run.cfg
+    settings = cfg.method_settings.get(method)
+    entry = run.cache.entry("selection", run.identity, run.pool_fp,
+                            {"method": method, "budget": cfg.budget, "seed": seed,
+                             "method_settings": settings, "target": run.target_fp}, name="selection")
+    if entry.exists():
+        tensors, meta = entry.load()
+        run.hits["selection"] += 1
+        return tensors["selected"].astype(bool), float(meta["seconds"])
+    t0 = time.perf_counter()
+    sel = select_examples(method, run.pool, cfg.budget, target=run.target, loaded=run.base, seed=seed,
+                          settings=settings, progress=run.progress)
+    seconds = time.perf_counter() - t0
+    selected = np.asarray(sel.selected, dtype=bool)
+    save_artefact(entry.folder, entry.name,
+                  {"scores": np.asarray(sel.scores, np.float64), "ranks": np.asarray(sel.ranks, np.int64),
+                   "selected": selected.astype(np.uint8)}, entry.key,
+                  extra={"ids": sel.ids, "seconds": seconds, "timings": sel.timings,
+                         "settings_recorded": sel.settings})
+    return selected, seconds
+
+
+def _train_cached(run: _Run, method: str, chosen: list[int], seed: int, steps: int) -> _Trained:
+    """A LoRA run on the pool examples `chosen` for `steps` optimizer steps (cached by the chosen
+    ids and the training settings, so two methods that choose the same ids share it)."""
+    # looked up at call time: a test replaces it to prove that a rerun never trains
+    from mechsieve.train import train
+
+    train_cfg = dataclasses.replace(run.cfg.train, seed=seed, max_steps=steps)
+    ids = [run.pool.examples[i].id for i in chosen]
+    entry = run.cache.entry("train", run.identity, _digest([run.pool_fp, *ids]),
+                            {"train": to_dict(train_cfg), "render": run.render}, name="train")
+    adapter = entry.folder / "adapter"
+    if entry.exists():
+        _, meta = entry.load()
+        run.hits["train"] += 1
+        return _Trained(meta["result"], entry.folder.name, adapter, None)
+    loaded = _fresh_model(run)
+    run.log(f"[seed {seed}] {method}: training on {len(chosen)} examples for {steps} steps")
+    res = train(loaded, [run.items[i] for i in chosen], train_cfg, out_dir=adapter, progress=run.progress)
+    result = {"steps": res.steps, "tokens": res.tokens, "seconds": round(res.seconds, 3),
+              "final_loss": res.loss_curve[-1], "first_loss": res.loss_curve[0]}
+    save_artefact(entry.folder, entry.name, {"loss_curve": np.asarray(res.loss_curve, np.float64)}, entry.key,
+                  extra={"result": result})
+    return _Trained(result, entry.folder.name, adapter, loaded)
+
+
+def _evaluate_all(run: _Run, train_key: str, model_of: Callable[[], LoadedModel]
+                  ) -> tuple[dict[str, float], float]:
+    """Every task of cfg.eval on the model of `train_key` (cached per task) -> ({label/metric:
+    value}, evaluation seconds). `model_of` is called only if some task is not cached."""
+    metrics: dict[str, float] = {}
+    seconds = 0.0
+    loaded = None
+    for task in run.cfg.eval:
+        entry = run.cache.entry("eval", run.identity, train_key,
+                                {"task": to_dict(task), "render": run.render}, name="metrics")
+        if entry.exists():
+            _, meta = entry.load()
+            result = meta["result"]
+            run.hits["eval"] += 1
+        else:
+            loaded = loaded or model_of()
+            result = evaluate_task(loaded, task, run.cfg.render, progress=run.progress)
+            save_artefact(entry.folder, entry.name, _numeric(result["metrics"]), entry.key,
+                          extra={"result": result})
+        run.task_fps[task.label()] = result["fingerprint"]
+        seconds += result["seconds"]
+        for key, value in result["metrics"].items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics[f"{task.label()}/{key}"] = float(value)
+    return metrics, seconds
+
+
+def _fresh_model(run: _Run) -> LoadedModel:
+    """A copy of the base model to train (the base itself stays untouched for the next run)."""
+    base = run.base
+    if hasattr(base.model, "peft_config"):
+        raise RuntimeError("the base model was wrapped in place by a selection method; it cannot be reused")
+    return LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.identity, base.config)
+
+
+def _trained_model(run: _Run, trained: _Trained) -> LoadedModel:
+    """The model of a training entry: the one just trained, else its adapter on a fresh base copy."""
+    from mechsieve.train import load_adapter
+
+    if trained.model is not None:
+        return trained.model
+    return load_adapter(_fresh_model(run), trained.adapter)
 
 
 def _brief(metrics: dict[str, float], cfg: ExperimentConfig) -> str:

@@ -232,16 +232,15 @@ def stream_layer(loaded: Any, rendered: Sequence[Any], layer: int, sink: Any, ex
     """Run `rendered` through the model and `sink.feed(tokens [m, d])` per batch at block `layer`."""
     from mechsieve.capture.batching import plan_batches
     from mechsieve.capture.forward import ForwardSpec, run_forward
+    from mechsieve.data.render import pad_id
 
-    tok = loaded.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     plan = plan_batches([len(r) for r in rendered], max_tokens, max_batch)
 
     def on_layer(ctx, _layer: int, acts: torch.Tensor) -> None:
         sink.feed(real_tokens(acts, ctx.batch, exclude_first))
 
-    run_forward(loaded.model, rendered, plan, ForwardSpec(layers=[layer]), int(pad), on_layer=on_layer,
-                progress=progress, desc=desc)
+    run_forward(loaded.model, rendered, plan, ForwardSpec(layers=[layer]), pad_id(loaded.tokenizer),
+                on_layer=on_layer, progress=progress, desc=desc)
 
 
 @dataclass

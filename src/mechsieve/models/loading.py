@@ -97,7 +97,7 @@ def load_model(cfg: ModelConfig | str | None = None, **overrides: Any) -> Loaded
     """Load model + tokenizer per `cfg` (a ModelConfig or a name); see the module docstring."""
     if cfg is None or isinstance(cfg, str):
         cfg = ModelConfig(name=cfg or DEFAULT_MODEL, **overrides)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-tensor loading bars are noise; our own bars say what runs
@@ -110,8 +110,7 @@ def load_model(cfg: ModelConfig | str | None = None, **overrides: Any) -> Loaded
     if identity["kind"] == "hub" and cfg.revision:
         kwargs["revision"] = cfg.revision
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code,
-                                                  **({"revision": cfg.revision} if "revision" in kwargs else {}))
+        tokenizer = _tokenizer(folder, identity, cfg)
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except OSError as err:
         raise ModelError(f"could not load model {cfg.name!r} from {folder}: {err}\n"
@@ -119,13 +118,28 @@ def load_model(cfg: ModelConfig | str | None = None, **overrides: Any) -> Loaded
                          "or the hub is offline (pass a local folder instead).") from err
     model.to(device)
     model.eval()
-    if tokenizer.pad_token_id is None:
-        # Padding positions are masked out everywhere; any id will do, EOS is conventional.
-        tokenizer.pad_token = tokenizer.eos_token
     if identity["kind"] == "hub":
         identity["revision"] = getattr(model.config, "_commit_hash", None) or cfg.revision or "main"
     identity["dtype"] = str(dtype).replace("torch.", "")
     return LoadedModel(model, tokenizer, identity, cfg)
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """Only the tokenizer of `cfg`, as `load_model` gives it (a Ray run's driver renders and writes
+    without the model)."""
+    folder, identity = resolve_model_path(cfg)
+    return _tokenizer(folder, identity, cfg)
+
+
+def _tokenizer(folder: str, identity: dict[str, Any], cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    extra = {"revision": cfg.revision} if identity["kind"] == "hub" and cfg.revision else {}
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code, **extra)
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out everywhere; any id will do, EOS is conventional.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def resolve_model_path(cfg: ModelConfig) -> tuple[str, dict[str, Any]]:

@@ -3,7 +3,7 @@
 The report's only file reads live here. A folder is recognised by the files its command writes:
 - `select`      summary.json + scores.parquet (select/pipeline.py `write_selection`);
 - `attribute`   summary.json + ranking.jsonl (commands/attribute.py);
-- `mask-tokens` summary.json + a `datasets.save_to_disk` folder (commands/mask_tokens.py `write_masked`);
+- `mask-tokens` summary.json + a `datasets.save_to_disk` folder (tokens/pipeline.py `write_masked`);
 - `experiment`  results.json (experiment/report.py `write_results`).
 Example texts are not stored in run folders; they are read back from the pool the run recorded
 (or pools passed in) and matched by id, with a note when they cannot be or do not match.

@@ -23,12 +23,12 @@ import torch
 
 from mechsieve.config import check_choice
 from mechsieve.data.records import Pool
+from mechsieve.data.render import pad_id
 from mechsieve.scorers.base import NoSettings, Scorer, ScoreResult, ShardedScorer, ShardState
 from mechsieve.scorers.common import (
     ModelScorerConfig,
     final_norm,
     layer_pass,
-    pad_id_of,
     render,
     response_nll,
     response_only,
@@ -106,7 +106,7 @@ class LossScorer(ShardedScorer):
         t0 = time.perf_counter()
         rendered = render(shard.examples, loaded, self.config)
         t1 = time.perf_counter()
-        sums, counts = response_nll(loaded.model, rendered, self.config, pad_id_of(loaded), progress, "loss")
+        sums, counts = response_nll(loaded.model, rendered, self.config, pad_id(loaded.tokenizer), progress, "loss")
         loss = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
         return ScoreResult(loss, {"no_response_tokens": int((counts == 0).sum()),
                                   "response_tokens": int(counts.sum())},
@@ -158,7 +158,7 @@ class IfdScorer(ShardedScorer):
                     ) -> ScoreResult:
         t0 = time.perf_counter()
         alone = render([response_only(ex) for ex in shard.examples], loaded, self.config)
-        pad = pad_id_of(loaded)
+        pad = pad_id(loaded.tokenizer)
         if "conditional_loss" not in state:
             cond = render(shard.examples, loaded, self.config)
             t1 = time.perf_counter()
@@ -225,7 +225,7 @@ def pooled_last_layer(loaded: Any, examples: list, cfg: Any, progress: bool, des
         h = norm(acts) if norm is not None else acts
         out[ctx.indices] = REDUCTIONS[cfg.pooling](h.float(), ctx.batch).double().cpu().numpy()
 
-    layer_pass(model, rendered, [last], "resid", cfg, pad_id_of(loaded), on_layer, progress, desc)
+    layer_pass(model, rendered, [last], "resid", cfg, pad_id(loaded.tokenizer), on_layer, progress, desc)
     return out
 
 

@@ -47,7 +47,7 @@ def response_only(ex: Example) -> Example:
     return Example(ex.id, ex.source, [], ex.response, {})
 
 
-def response_nll(model: Any, rendered: Sequence[Rendered], cfg: ModelScorerConfig, pad_id: int,
+def response_nll(model: Any, rendered: Sequence[Rendered], cfg: ModelScorerConfig, pad: int,
                  progress: bool = True, desc: str = "loss") -> tuple[np.ndarray, np.ndarray]:
     """Summed next-token NLL over response tokens, and their count, per example: ([n], [n]).
 
@@ -69,7 +69,7 @@ def response_nll(model: Any, rendered: Sequence[Rendered], cfg: ModelScorerConfi
         sums[ctx.indices] = total.cpu().numpy()
         counts[ctx.indices] = mask.sum(1).cpu().numpy()
 
-    run_forward(model, rendered, plan, ForwardSpec(need_logits=True), pad_id,
+    run_forward(model, rendered, plan, ForwardSpec(need_logits=True), pad,
                 on_logits=on_logits, progress=progress, desc=desc)
     return sums, counts
 
@@ -78,7 +78,7 @@ LayerReducer = Callable[[BatchContext, int, torch.Tensor], None]
 
 
 def layer_pass(model: Any, rendered: Sequence[Rendered], layers: list[int], site: str,
-               cfg: ModelScorerConfig, pad_id: int, on_layer: LayerReducer, progress: bool = True,
+               cfg: ModelScorerConfig, pad: int, on_layer: LayerReducer, progress: bool = True,
                desc: str = "forward") -> float:
     """One pass handing each chosen layer's activations [b, t, d] to `on_layer`; returns seconds.
 
@@ -86,7 +86,7 @@ def layer_pass(model: Any, rendered: Sequence[Rendered], layers: list[int], site
     never runs).
     """
     plan = plan_batches([len(r) for r in rendered], cfg.max_tokens, cfg.max_batch)
-    stats = run_forward(model, rendered, plan, ForwardSpec(layers=layers, site=site), pad_id,
+    stats = run_forward(model, rendered, plan, ForwardSpec(layers=layers, site=site), pad,
                         on_layer=on_layer, progress=progress, desc=desc)
     return stats.seconds
 
@@ -105,9 +105,3 @@ def final_norm(model: Any) -> torch.nn.Module | None:
             continue
         return obj
     return None
-
-
-def pad_id_of(loaded: Any) -> int:
-    tok = loaded.tokenizer
-    pid = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return int(pid if pid is not None else 0)

@@ -23,6 +23,7 @@ import numpy as np
 
 from mechsieve.config import ConfigError, to_dict
 from mechsieve.data.records import Example, Pool
+from mechsieve.data.render import RenderConfig, pad_id
 from mechsieve.features.probes import Concept, ConceptConfig
 from mechsieve.scorers.base import Scorer, ScorerError, ScoreResult, ShardedScorer, ShardState
 
@@ -49,10 +50,10 @@ class ConceptSource:
             raise ConfigError("max_len must be >= 2 and max_tokens >= 1")
 
 
-def _render_cfg(src: ConceptSource):
-    from mechsieve.data.render import RenderConfig
-
-    return RenderConfig(max_len=src.max_len)
+def render_config(max_len: int) -> RenderConfig:
+    """How every pass of the concept and gradient scorers renders examples: the RenderConfig
+    defaults, cut at their own `max_len` setting (these scorers have no `render` block)."""
+    return RenderConfig(max_len=max_len)
 
 
 def mean_response_acts(loaded: Any, examples: list[Example], layer: int, src: ConceptSource,
@@ -68,10 +69,10 @@ def _capture_mean_response(loaded: Any, examples: list[Example], layer: int, src
     from mechsieve.capture.activations import CaptureConfig, capture
     from mechsieve.data.render import render_pool
 
-    rendered, _ = render_pool(examples, loaded.tokenizer, _render_cfg(src))
+    rendered, _ = render_pool(examples, loaded.tokenizer, render_config(src.max_len))
     cfg = CaptureConfig(layers=[layer], reductions=["mean_response"], max_tokens=src.max_tokens)
     start = time.perf_counter()
-    result = capture(loaded.model, rendered, cfg, pad_id=loaded.tokenizer.pad_token_id, progress=progress)
+    result = capture(loaded.model, rendered, cfg, pad_id=pad_id(loaded.tokenizer), progress=progress)
     return result.arrays["mean_response"][:, 0], time.perf_counter() - start, result.n_response_tokens
 
 
@@ -173,21 +174,22 @@ def sample_responses(loaded: Any, examples: list[Example], max_new_tokens: int, 
     from tqdm.auto import tqdm
 
     from mechsieve.capture.batching import collate
-    from mechsieve.data.render import RenderConfig, render_example
+    from mechsieve.data.render import render_example
 
     tok, model = loaded.tokenizer, loaded.model
-    prompts = [render_example(ex, tok, RenderConfig(max_len=max_len), add_generation_prompt=True)
+    prompts = [render_example(ex, tok, render_config(max_len), add_generation_prompt=True)
                for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     out = [""] * len(prompts)
     torch.manual_seed(seed)
     sample = temperature > 0
-    kwargs = {"do_sample": sample, "max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id}
+    pad = pad_id(tok)
+    kwargs = {"do_sample": sample, "max_new_tokens": max_new_tokens, "pad_token_id": pad}
     if sample:
         kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
     for s in tqdm(range(0, len(order), batch), desc="sample y'", disable=not progress, leave=False):
         idx = order[s:s + batch]
-        b = collate([prompts[i] for i in idx], tok.pad_token_id, "left").to(loaded.device)
+        b = collate([prompts[i] for i in idx], pad, "left").to(loaded.device)
         with torch.no_grad():
             gen = model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, **kwargs)
         for row, i in enumerate(idx):

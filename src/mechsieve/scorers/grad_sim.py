@@ -20,8 +20,9 @@ import numpy as np
 
 from mechsieve.config import ConfigError, check_choice
 from mechsieve.data.records import Pool
+from mechsieve.data.render import pad_id
 from mechsieve.scorers.base import ScorerError, ScoreResult, ShardedScorer, ShardState
-from mechsieve.scorers.concept import ConceptSource
+from mechsieve.scorers.concept import ConceptSource, render_config
 
 
 @dataclass
@@ -125,8 +126,8 @@ class GradSim(ShardedScorer):
 
         cfg = self.config
         modules, proj = self.tracked(loaded, blocks, seed)
-        rendered, _ = render_pool(examples, loaded.tokenizer, _render(cfg))
-        return per_example_grads(loaded.model, rendered, modules, projector=proj, pad_id=loaded.tokenizer.pad_token_id,
+        rendered, _ = render_pool(examples, loaded.tokenizer, render_config(cfg.max_len))
+        return per_example_grads(loaded.model, rendered, modules, projector=proj, pad_id=pad_id(loaded.tokenizer),
                                  max_tokens=cfg.batch_size * cfg.max_len, max_batch=cfg.batch_size, progress=progress)
 
     def prepare(self, pool: Pool, *, target: Pool | None = None, loaded: Any = None, seed: int = 0,
@@ -159,9 +160,3 @@ def cosine_to(grads: np.ndarray, query: np.ndarray) -> np.ndarray:
 def cosine_to_mean(grads: np.ndarray, query_grads: np.ndarray) -> np.ndarray:
     """cos(grads[i], mean(query_grads)) -> [n] float64 (0 for a zero gradient)."""
     return cosine_to(grads, query_grads.astype(np.float64).mean(0))
-
-
-def _render(cfg: ConceptSource):
-    from mechsieve.data.render import RenderConfig
-
-    return RenderConfig(max_len=cfg.max_len)

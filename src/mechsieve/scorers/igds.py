@@ -40,9 +40,10 @@ import torch
 
 from mechsieve.config import ConfigError, check_choice
 from mechsieve.data.records import Pool
+from mechsieve.data.render import pad_id
 from mechsieve.features.sae_train import SaeTrainConfig
 from mechsieve.scorers.base import ScorerError, ScoreResult, ShardedScorer, ShardState
-from mechsieve.scorers.common import ModelScorerConfig, layer_pass, pad_id_of, render
+from mechsieve.scorers.common import ModelScorerConfig, layer_pass, render
 from mechsieve.scorers.igds_steer import dev_accuracy, dev_loss, latents_at, snippet_text
 
 
@@ -235,7 +236,7 @@ class Igds(ShardedScorer):
             sums[:] += a.double().sum(0).cpu().numpy()
 
         rendered = render(examples, loaded, cfg)
-        layer_pass(loaded.model, rendered, [sae.layer], "resid", cfg, pad_id_of(loaded), on_layer, progress, desc)
+        layer_pass(loaded.model, rendered, [sae.layer], "resid", cfg, pad_id(loaded.tokenizer), on_layer, progress, desc)
         return counts, sums, len(examples)
 
     def candidates(self, loaded: Any, target: Pool, sae: Any, seed: int, progress: bool) -> Recall:
@@ -370,7 +371,7 @@ class Igds(ShardedScorer):
             where[ctx.indices] = (at if at is not None else last[:, None].expand(-1, len(kept))).cpu().numpy()
 
         rendered = render(pool.examples, loaded, cfg)
-        layer_pass(loaded.model, rendered, [sae.layer], "resid", cfg, pad_id_of(loaded), on_layer, progress,
+        layer_pass(loaded.model, rendered, [sae.layer], "resid", cfg, pad_id(loaded.tokenizer), on_layer, progress,
                    "igds: pool")
         scores = feature_resonant_score(vals, np.arange(len(kept)), weights)
         snippets = []

@@ -87,7 +87,7 @@ def steer_mask_fn(state: dict, where: str, position: str) -> Callable[[torch.Ten
 def dev_loss(loaded: Any, rendered: Sequence[Any], sae: Any, feature: int | None, alpha: float, cfg: Any) -> float:
     """Token-weighted mean next-token NLL of the dev responses, steering `feature` (None: plain)."""
     from mechsieve.capture.batching import collate, plan_batches
-    from mechsieve.scorers.common import pad_id_of
+    from mechsieve.data.render import pad_id
 
     model = loaded.model
     device = next(model.parameters()).device
@@ -98,7 +98,7 @@ def dev_loss(loaded: Any, rendered: Sequence[Any], sae: Any, feature: int | None
            if feature is not None else nullcontext())
     with ctx, torch.no_grad():
         for idx in plan.batches:
-            batch = collate([rendered[i] for i in idx], pad_id_of(loaded), "right").to(device)
+            batch = collate([rendered[i] for i in idx], pad_id(loaded.tokenizer), "right").to(device)
             state["batch"] = batch
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                            position_ids=batch.position_ids, use_cache=False).logits

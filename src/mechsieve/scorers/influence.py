@@ -32,11 +32,11 @@ from mechsieve.capture.batching import Collated, collate
 from mechsieve.capture.gradients import Objective, concept_objective, linear_modules, token_losses
 from mechsieve.config import ConfigError, check_choice, to_dict
 from mechsieve.data.records import Pool
+from mechsieve.data.render import pad_id
 from mechsieve.scorers.base import Scorer, ScoreResult
-from mechsieve.scorers.concept import resolve_concept
+from mechsieve.scorers.concept import render_config, resolve_concept
 from mechsieve.scorers.grad_sim import (
     GradientTargetConfig,
-    _render,
     boundary_layer,
     resolve_queries,
     tracked_blocks,
@@ -87,9 +87,9 @@ class _Rows(torch.utils.data.Dataset):
         return self.rendered[i]
 
 
-def _collate_fn(pad_id: int):
+def _collate_fn(pad: int):
     def fn(items: list[Any]) -> dict[str, torch.Tensor]:
-        b = collate(items, pad_id)
+        b = collate(items, pad)
         return {name: getattr(b, name) for name in b.__dataclass_fields__}
     return fn
 
@@ -138,7 +138,7 @@ def kronfluence_scores(loaded: Any, pool: Pool, queries: Pool, measurement: Obje
     from mechsieve.models.loading import cache_root
     from mechsieve.store.cache import Cache
 
-    rcfg = _render(cfg)
+    rcfg = render_config(cfg.max_len)
     rend, _ = render_pool(pool.examples, loaded.tokenizer, rcfg)
     q_rend, _ = render_pool(queries.examples, loaded.tokenizer, rcfg)
     order = sorted(range(len(rend)), key=lambda i: (-len(rend[i]), i))  # length-sorted batches
@@ -157,7 +157,7 @@ def kronfluence_scores(loaded: Any, pool: Pool, queries: Pool, measurement: Obje
     analyzer = Analyzer("mechsieve", model, task, cpu=loaded.device.type == "cpu",
                         disable_tqdm=not progress, output_dir=str(entry.folder),
                         log_level=logging.WARNING)
-    loader = DataLoaderKwargs(collate_fn=_collate_fn(loaded.tokenizer.pad_token_id))
+    loader = DataLoaderKwargs(collate_fn=_collate_fn(pad_id(loaded.tokenizer)))
     timings: dict[str, float] = {}
     start = time.perf_counter()
     factors_name = cfg.strategy

@@ -48,8 +48,9 @@ import torch
 
 from mechsieve.config import ConfigError, check_choice, to_dict
 from mechsieve.data.records import Example, Pool, fingerprint_examples
+from mechsieve.data.render import pad_id
 from mechsieve.scorers.base import Scorer, ScorerError, ScoreResult
-from mechsieve.scorers.common import ModelScorerConfig, pad_id_of, render
+from mechsieve.scorers.common import ModelScorerConfig, render
 from mechsieve.train.config import TrainConfig
 
 BLOCK_ROWS = 1024  # rows of the projection generated at a time; part of the projection's identity
@@ -353,7 +354,7 @@ class _Run:
 
         projector = RademacherProjector(sum(ck.weights[n].numel() for n in names), cfg.proj_dim, self.seed,
                                         BLOCK_ROWS)
-        rows = iter_per_example_grads(model, rendered, mods, mean_response_loss, pad_id=pad_id_of(self.loaded),
+        rows = iter_per_example_grads(model, rendered, mods, mean_response_loss, pad_id=pad_id(self.loaded.tokenizer),
                                       max_tokens=cfg.max_tokens, max_batch=cfg.max_batch, progress=self.progress)
         return project_rows(rows, projector, len(rendered), transform, cfg.project_mb, self.progress)
 

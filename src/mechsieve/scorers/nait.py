@@ -33,11 +33,12 @@ from mechsieve.capture.batching import Collated
 from mechsieve.capture.reductions import REDUCTIONS
 from mechsieve.config import ConfigError, check_choice, to_dict
 from mechsieve.data.records import Pool
+from mechsieve.data.render import pad_id
 from mechsieve.features.neurons import CapabilityDirections, fit_directions
 from mechsieve.models.hooks import hook_points
 from mechsieve.scorers.base import ScorerError, ScoreResult, ShardedScorer, ShardState
 from mechsieve.scorers.baselines import target_groups
-from mechsieve.scorers.common import ModelScorerConfig, layer_pass, pad_id_of, render
+from mechsieve.scorers.common import ModelScorerConfig, layer_pass, render
 
 DRIFTS = ("last", "last_prompt", "mean")
 
@@ -130,7 +131,7 @@ class Nait(ShardedScorer):
                 out = np.zeros((len(rendered), len(layers), dr.shape[-1]), dtype=np.float32)
             out[ctx.indices, slot[layer]] = dr.cpu().numpy()
 
-        layer_pass(loaded.model, rendered, layers, self.config.site, self.config, pad_id_of(loaded),
+        layer_pass(loaded.model, rendered, layers, self.config.site, self.config, pad_id(loaded.tokenizer),
                    on_layer, progress, desc)
         return out
 
@@ -227,5 +228,5 @@ class Nait(ShardedScorer):
             norms[ctx.indices, k] = dr.norm(dim=-1).double().cpu().numpy()
 
         rendered = render(pool.examples, loaded, cfg)
-        layer_pass(loaded.model, rendered, layers, cfg.site, cfg, pad_id_of(loaded), on_layer, progress, "nait: pool")
+        layer_pass(loaded.model, rendered, layers, cfg.site, cfg, pad_id(loaded.tokenizer), on_layer, progress, "nait: pool")
         return proj, norms

@@ -1,4 +1,5 @@
-"""Token-level masks: which response tokens to leave out of the loss (XTF), and why."""
+"""Token-level masks: which response tokens to leave out of the loss (XTF), and why; the pipeline
+that masks a pool and writes it as a tokenized training set."""
 
 from mechsieve.tokens.base import (
            KN,
@@ -11,6 +12,7 @@ from mechsieve.tokens.base import (
            TokenScores,
 )
 from mechsieve.tokens.otsu import multi_otsu
+from mechsieve.tokens.pipeline import MaskRun, mask_examples, mask_examples_sharded, write_masked
 from mechsieve.tokens.xtf import (
            Xtf,
            XtfConfig,
@@ -19,5 +21,6 @@ from mechsieve.tokens.xtf import (
            parse_word_list,
 )
 
-__all__ = ["KN", "MASKERS", "REASON_BITS", "RI", "TR", "TokenMasker", "TokenMasks", "TokenScores",
-           "Xtf", "XtfConfig", "bundled_words", "context_free_embeddings", "multi_otsu", "parse_word_list"]
+__all__ = ["KN", "MASKERS", "REASON_BITS", "RI", "TR", "MaskRun", "TokenMasker", "TokenMasks", "TokenScores",
+           "Xtf", "XtfConfig", "bundled_words", "context_free_embeddings", "mask_examples", "mask_examples_sharded",
+           "multi_otsu", "parse_word_list", "write_masked"]

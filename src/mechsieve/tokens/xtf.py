@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from mechsieve.config import ConfigError, check_choice
-from mechsieve.data.render import Rendered
+from mechsieve.data.render import Rendered, pad_id
 from mechsieve.tokens.attributes import (
     above_threshold,
     cosine_to,
@@ -208,9 +208,8 @@ class Xtf(TokenMasker):
                     kn[i] = prob[row, lo:lo + length].astype(np.float32)
 
         plan = plan_batches([len(r) for r in rendered], cfg.max_tokens, cfg.max_batch)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         spec = ForwardSpec(attention_layers=layers, need_logits=want_kn)
-        stats = run_forward(model, rendered, plan, spec, pad_id, on_attention=on_attention,
+        stats = run_forward(model, rendered, plan, spec, pad_id(tokenizer), on_attention=on_attention,
                             on_logits=on_logits, on_batch_end=on_batch_end, progress=progress, desc="xtf")
         return ri, kn, stats
 

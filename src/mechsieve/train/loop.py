@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from mechsieve.capture.batching import plan_batches
 from mechsieve.config import to_dict
+from mechsieve.data.render import pad_id
 from mechsieve.models.loading import LoadedModel
 from mechsieve.train.config import TrainConfig, TrainResult
 from mechsieve.train.items import IGNORE, ItemBatch, TrainItem, collate_items
@@ -155,7 +156,7 @@ def train(loaded: LoadedModel, items: Sequence[TrainItem], cfg: TrainConfig,
     per_epoch = steps_per_epoch(items, cfg)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(loaded.tokenizer)
     stream = micro_batches(items, cfg, accelerator.process_index, accelerator.num_processes)
     pending = next(stream)  # one micro-batch ahead: its epoch tells when an epoch has ended
     world = accelerator.num_processes
@@ -175,7 +176,7 @@ def train(loaded: LoadedModel, items: Sequence[TrainItem], cfg: TrainConfig,
         group = []
         for _ in range(cfg.grad_accum):
             (epoch, idx), pending = pending, next(stream)
-            group.append(collate_items(items, idx, pad_id).to(accelerator.device))
+            group.append(collate_items(items, idx, pad).to(accelerator.device))
         local = sum(b.n_targets for b in group)
         input_tokens += sum(int(b.attention_mask.sum()) for b in group)
         padded_tokens += sum(int(b.input_ids.numel()) for b in group)
