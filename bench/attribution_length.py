@@ -1,8 +1,8 @@
 """B2 confound check: how well does response length alone find the planted examples?
 
-Rebuilds the B2 pools exactly as bench/attribution.py does (its task builders, imported, same
-settings as recorded in bench/results/attribution.json) and scores each example by its number of
-response tokens; AUC-PR and precision@40 go into that JSON under tasks[task]["length_baseline"].
+Rebuilds the B2 pools exactly as bench/attribution.py does (the harness's builders, with the
+settings recorded in bench/results/attribution.json) and scores each example by its number of
+response tokens; AUC-PR and precision@40 per task go into that JSON under `length_baseline`.
 A method whose AUC-PR is close to this may be ranking by length (summed losses grow with it).
 
 Run: python bench/attribution_length.py
@@ -10,16 +10,12 @@ Run: python bench/attribution_length.py
 
 from __future__ import annotations
 
-import importlib.util
-import json
-from pathlib import Path
+import argparse
 
 import numpy as np
 
-from _common import command_line
-
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "results" / "attribution.json"
+from harness import Results
+from harness.pools import b2_task
 
 
 def main() -> int:
@@ -27,28 +23,24 @@ def main() -> int:
     from mechsieve.evaluate.attribution import attribution_metrics
     from mechsieve.models.loading import load_model
 
-    spec = importlib.util.spec_from_file_location("attribution", ROOT / "bench" / "attribution.py")
-    b2 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(b2)
-    result = json.loads(OUT.read_text())
-    s = result["settings"]
-    tok = load_model(s["model"]).tokenizer
-    render_cfg = RenderConfig(max_len=s["max_len"])
-    for task, entry in result["tasks"].items():
-        if task == "gsm8k":
-            examples, labels, _, _ = b2.gsm8k_task(tok, s["n"], s["share"], 100, s["max_len"], s["seed"])
-        else:
-            examples, labels, _, _ = b2.code_task(tok, s["n"], s["share"], s["max_len"], s["seed"])
+    results = Results("attribution", "B2 attribution", runner="")
+    if "tasks" not in results.data:
+        raise SystemExit(f"{results.path} has no B2 tasks; run bench/attribution.py first")
+    args = argparse.Namespace(**results["settings"])
+    tok = load_model(args.model).tokenizer
+    render_cfg = RenderConfig(max_len=args.max_len)
+    out = results.phase("length_baseline")
+    for task in results["tasks"]:
+        examples, labels, _, _ = b2_task(task, tok, args.n, args.share, args.max_len, args.seed)
         lengths = np.array([int(render_example(ex, tok, render_cfg).response_mask.sum())
                             for ex in examples], dtype=np.float64)
         m = attribution_metrics(lengths, labels)
-        entry["length_baseline"] = {"auc_pr": m["auc_pr"], "precision@40": m["precision@40"],
-                                    "mean_response_tokens": {"planted": float(lengths[labels].mean()),
-                                                             "other": float(lengths[~labels].mean())},
-                                    "command": command_line(__file__)}
-        print(f"[{task}] response length alone: AUC-PR {m['auc_pr']:.3f} P@40 {m['precision@40']:.3f}; "
+        out[task] = {"auc_pr": m["auc_pr"], "precision@40": m.get("precision@40"),
+                     "mean_response_tokens": {"planted": float(lengths[labels].mean()),
+                                              "other": float(lengths[~labels].mean())}}
+        print(f"[{task}] response length alone: AUC-PR {m['auc_pr']:.3f} P@40 {m.get('precision@40')}; "
               f"mean response tokens planted {lengths[labels].mean():.1f} vs other {lengths[~labels].mean():.1f}")
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    results.save(finished="length_baseline")
     return 0
 
 

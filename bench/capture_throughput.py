@@ -14,30 +14,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from _common import command_line
+from harness import Results, read_source
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 REDUCTIONS = ["mean_response", "last_prompt", "drift"]
 
 
 def load(n: int):
-    from mechsieve.data import RenderConfig, read_pool, render_pool
+    from mechsieve.data import RenderConfig, render_pool
     from mechsieve.models import load_model
 
     loaded = load_model("smollm2-135m-instruct")
-    pool = read_pool(DATA, limit=n)
-    rendered, stats = render_pool(pool.examples, loaded.tokenizer, RenderConfig(max_len=512))
+    rendered, stats = render_pool(read_source("gsm8k", limit=n), loaded.tokenizer, RenderConfig(max_len=512))
     return loaded, rendered, stats
 
 
@@ -107,37 +102,35 @@ def main() -> None:
     ap.add_argument("--memory-sizes", default="300,1200")
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "capture_throughput.json"))
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child_memory(args.child, args.max_tokens)))
         return
     torch.manual_seed(0)
+    results = Results("capture_throughput", "capture_throughput", model="smollm2-135m-instruct (float32, cpu)")
+    results.set("data", "shared/data/gsm8k/train.jsonl (first N)")
+    results.set("capture", {"layers": "all (30)", "site": "resid", "reductions": REDUCTIONS})
     print(f"throughput on {args.examples} examples", flush=True)
-    result = {"benchmark": "capture_throughput",
-              "command": command_line(__file__),
-              "model": "smollm2-135m-instruct (float32, cpu)", "data": "shared/data/gsm8k/train.jsonl (first N)",
-              "capture": {"layers": "all (30)", "site": "resid", "reductions": REDUCTIONS},
-              "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
-                          "torch": torch.__version__},
-              "throughput": throughput(args.examples, args.max_tokens), "memory": []}
+    results.phase("throughput").update(throughput(args.examples, args.max_tokens))
+    results.save(finished="throughput")
+    memory = results.phase("memory")
+    memory["runs"] = []
     for n in [int(x) for x in args.memory_sizes.split(",") if x]:
         print(f"peak memory at {n} examples (child process)", flush=True)
         proc = subprocess.run([sys.executable, __file__, "--child", str(n), "--max-tokens", str(args.max_tokens)],
                               capture_output=True, text=True, check=True)
-        result["memory"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    mem = result["memory"]
+        memory["runs"].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    mem = memory["runs"]
     if len(mem) >= 2:
-        result["memory_growth"] = {
+        memory["growth"] = {
             "peak_minus_arrays_mb": [m["peak_minus_arrays_mb"] for m in mem],
             "note": "peak RSS less the result arrays; flat means memory does not grow with the pool"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    t = result["throughput"]
+    results.save(finished="memory")
+    t = results["throughput"]
     print(f"capture {t['tokens_per_s']['capture']} tok/s = {t['ratio_capture_to_bare_full']} x bare forward "
           f"(full model) and {t['ratio_capture_to_bare_body']} x (decoder body); padding efficiency "
           f"{t['padding_efficiency']}; peak RSS " + ", ".join(f"{m['examples']}: {m['peak_rss_mb']} MB "
-          f"(arrays {m['result_arrays_mb']} MB)" for m in mem) + f" -> {args.out}")
+          f"(arrays {m['result_arrays_mb']} MB)" for m in mem) + f" -> {results.path}")
 
 
 if __name__ == "__main__":

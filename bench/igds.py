@@ -6,7 +6,7 @@ SmolLM2-135M-Instruct has no public SAE, so phase `sae` trains a TopK SAE on the
 of block `--layer` from `--sae-examples` examples (half GSM8K train, half the other B1 sources,
 none of them in the B1 / B1b pools), streamed, and saves it under runs/bench/igds_sae (reused by
 the later phases when the settings match). The B1 pool comes from bench/targeted_selection.py
-(`build_pool`, imported, not copied).
+(the harness's `mixed_pool`); B1b's from its `gsm8k_split`.
 
     flock /tmp/mechsieve-bench.lock python bench/igds.py --phase sae
     flock /tmp/mechsieve-bench.lock python bench/igds.py --phase b1
@@ -16,58 +16,41 @@ the later phases when the settings match). The B1 pool comes from bench/targeted
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
 
-from _common import command_line
+from harness import (
+    B1_SOURCES,
+    MODEL,
+    ROOT,
+    SEEDS,
+    EvalSettings,
+    Results,
+    finetune_and_eval,
+    heldout_gsm8k,
+    read_source,
+    spread,
+)
+from harness.pools import gsm8k_split, mixed_pool
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-RESULTS = ROOT / "bench" / "results"
-OUT_JSON = RESULTS / "igds.json"
 SAE_DIR = ROOT / "runs" / "bench" / "igds_sae"
-MODEL = "smollm2-135m-instruct"
-
-
-def b1_module():
-    """bench/targeted_selection.py as a module (its pool builder and source readers)."""
-    spec = importlib.util.spec_from_file_location("targeted_selection", ROOT / "bench" / "targeted_selection.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def b1b_split(seed: int, n_pool: int, n_target: int):
-    """B1b: `n_pool` GSM8K train problems and `n_target` others as the IGDS target (seeded)."""
-    from mechsieve.data import Pool, read_pool
-
-    rows = read_pool(DATA / "gsm8k" / "train.jsonl", source="gsm8k").examples
-    perm = np.random.default_rng(seed).permutation(len(rows))
-    return (Pool([rows[i] for i in sorted(perm[:n_pool])], "b1b", "memory", "question_answer"),
-            Pool([rows[i] for i in sorted(perm[n_pool:n_pool + n_target])], "b1b-target", "memory",
-                 "question_answer"))
 
 
 def sae_examples(args):
     """Examples for SAE training: half GSM8K train, half spread over B1's other sources, none of
     them in the B1 pool / target or the B1b pool / target."""
-    b1 = b1_module()
-    pool, target = b1.build_pool(args.per_source, args.target, args.seed)
+    pool, target = mixed_pool(args.per_source, args.target, args.seed)
     used = {(ex.source, ex.id.split(":", 1)[1]) for ex in pool.examples}
     used |= {(ex.source, ex.id) for ex in target.examples}
-    for part in b1b_split(args.seed, args.b1b_pool, args.target):
+    for part in gsm8k_split(args.seed, args.b1b_pool, args.target):
         used |= {(ex.source, ex.id) for ex in part.examples}
     rng = np.random.default_rng(args.seed + 1000)
     out = []
-    others = [s for s in b1.SOURCES if s != "gsm8k"]
-    for name in b1.SOURCES:
+    others = [s for s in B1_SOURCES if s != "gsm8k"]
+    for name in B1_SOURCES:
         want = args.sae_examples // 2 if name == "gsm8k" else (args.sae_examples // 2) // len(others)
-        rows = [ex for ex in b1.read_source(name) if (ex.source, ex.id) not in used]
+        rows = [ex for ex in read_source(name) if (ex.source, ex.id) not in used]
         out += [rows[i] for i in sorted(rng.permutation(len(rows))[:want])]
     return out
 
@@ -106,45 +89,22 @@ def igds_settings(args) -> dict:
 
 
 def lora_run(args, examples, heldout, label: str, steps: int = 0) -> dict:
-    """LoRA from a fresh base model (one epoch, or `steps` optimizer steps); held-out loss and,
-    with --exact-match, greedy exact match on the held-out problems."""
+    """LoRA from a fresh base model (one epoch, or `steps` optimizer steps), held-out loss and,
+    with --exact-match, greedy exact match on the held-out problems (the harness does all three)."""
     from mechsieve.data import RenderConfig
-    from mechsieve.evaluate import heldout_loss
-    from mechsieve.models import load_model
-    from mechsieve.train import TrainConfig, items_from_examples, train
+    from mechsieve.train import TrainConfig
 
-    loaded = load_model(MODEL)
-    out: dict = {"examples": len(examples)}
-    if examples:
-        cfg = TrainConfig(max_steps=steps, epochs=1.0, max_batch=args.train_batch,
-                          max_tokens=args.train_batch * args.max_len, seed=args.seed, warmup_steps=2)
-        result = train(loaded, items_from_examples(examples, loaded.tokenizer, RenderConfig(max_len=args.max_len)),
-                       cfg, progress=not args.quiet)
-        out.update(train_s=round(result.seconds, 1), steps=result.steps, train_tokens=result.tokens)
-    h = heldout_loss(loaded.model, loaded.tokenizer, heldout, RenderConfig(max_len=512), progress=not args.quiet)
-    out["heldout_loss"] = h["loss_per_token"]
-    if args.exact_match:
-        from mechsieve.evaluate.answers import exact_match
-        from mechsieve.evaluate.generate import generate_greedy
-
-        preds = generate_greedy(loaded.model, loaded.tokenizer, heldout, RenderConfig(max_len=512),
-                                max_new_tokens=256, progress=not args.quiet)
-        out["exact_match"] = float(np.mean([exact_match(p, ex.response) for p, ex in zip(preds, heldout)]))
-    print(f"  [{label}] {out}", flush=True)
-    return out
-
-
-def heldout(n: int):
-    from mechsieve.data import read_pool
-
-    return read_pool(DATA / "gsm8k" / "test.jsonl", source="gsm8k_test", limit=n).examples
+    cfg = TrainConfig(max_steps=steps, epochs=1.0, max_batch=args.train_batch,
+                      max_tokens=args.train_batch * args.max_len, seed=args.seed, warmup_steps=2)
+    result = finetune_and_eval(examples, cfg, heldout, RenderConfig(max_len=args.max_len),
+                               EvalSettings(exact_match=args.exact_match), progress=not args.quiet, label=label)
+    return result.record()
 
 
 def phase_b1(args, loaded) -> dict:
     from mechsieve.select import select_examples
 
-    b1 = b1_module()
-    pool, target = b1.build_pool(args.per_source, args.target, args.seed)
+    pool, target = mixed_pool(args.per_source, args.target, args.seed)
     t0 = time.perf_counter()
     sel = select_examples("igds", pool, args.budget, target=target, loaded=loaded, seed=args.seed,
                           settings=igds_settings(args), progress=not args.quiet)
@@ -158,28 +118,28 @@ def phase_b1(args, loaded) -> dict:
            "kept": sel.explanations["kept"], "fallback": sel.explanations["fallback"]}
     if args.train:
         by_id = {ex.id: ex for ex in pool.examples}
-        out["lora"] = lora_run(args, [by_id[i] for i in sel.ids], heldout(args.heldout), "b1 igds", args.steps)
+        out["lora"] = lora_run(args, [by_id[i] for i in sel.ids], heldout_gsm8k(args.heldout), "b1 igds",
+                               args.steps)
     return out
 
 
 def phase_b1b(args, loaded) -> dict:
     from mechsieve.select import select_examples
 
-    pool, target = b1b_split(args.seed, args.b1b_pool, args.target)
+    pool, target = gsm8k_split(args.seed, args.b1b_pool, args.target)
     t0 = time.perf_counter()
     sel = select_examples("igds", pool, 0.5, target=target, loaded=loaded, seed=args.seed,
                           settings=igds_settings(args), progress=not args.quiet)
     out: dict = {"pool": len(pool), "target": len(target), "select_s": round(time.perf_counter() - t0, 1),
                  "kept": sel.explanations["kept"], "runs": {}}
-    held = heldout(args.heldout)
+    held = heldout_gsm8k(args.heldout)
     by_id = {ex.id: ex for ex in pool.examples}
     subsets = {"igds": sel.ids, **{f"random_seed{s}": select_examples("random", pool, 0.5, seed=s).ids
-                                   for s in range(3)}, "full": [ex.id for ex in pool.examples], "base": []}
+                                   for s in SEEDS}, "full": [ex.id for ex in pool.examples], "base": []}
     for label, ids in subsets.items():
         out["runs"][label] = lora_run(args, [by_id[i] for i in ids], held, f"b1b {label}")
-    rand = [out["runs"][f"random_seed{s}"]["heldout_loss"] for s in range(3)]
-    out["random_mean_loss"], out["random_std_loss"] = float(np.mean(rand)), float(np.std(rand))
-    out["igds_beats_random_mean_loss"] = out["runs"]["igds"]["heldout_loss"] < out["random_mean_loss"]
+    out["random_loss"] = spread(out["runs"][f"random_seed{s}"]["heldout_loss"] for s in SEEDS)
+    out["igds_beats_random_mean_loss"] = out["runs"]["igds"]["heldout_loss"] < out["random_loss"]["mean"]
     out["igds_beats_full_loss"] = out["runs"]["igds"]["heldout_loss"] < out["runs"]["full"]["heldout_loss"]
     return out
 
@@ -209,31 +169,25 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
-    import torch
-
     from mechsieve.models import load_model
 
-    results = json.loads(OUT_JSON.read_text()) if OUT_JSON.exists() else {}
-    results.update({"benchmark": "IGDS (SAE, B1, B1b)", "machine": {"platform": platform.platform(),
-                                                                   "torch_threads": torch.get_num_threads()},
-                    "model": f"{MODEL} (float32, CPU)"})
-    results.setdefault("commands", {})[args.phase] = command_line(__file__)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = Results("igds", "IGDS (SAE, B1, B1b)", model=f"{MODEL} (float32, CPU)")
     loaded = load_model(MODEL)
     phases = ["sae", "b1", "b1b"] if args.phase == "all" else [args.phase]
     if "sae" not in phases:  # b1/b1b need the SAE: the one under runs/ when its settings match, else trained now
-        results["sae"] = phase_sae(args, loaded)
+        sae = phase_sae(args, loaded)
+        if results.get("sae", {}).get("report") != sae["report"]:  # retrained: the recorded SAE is replaced
+            results.phase("sae").update(sae)
+            results.save(finished="sae")
     for phase in phases:
-        t0 = time.perf_counter()
-        results[phase] = {"sae": phase_sae, "b1": phase_b1, "b1b": phase_b1b}[phase](args, loaded)
-        results[phase]["total_s"] = round(time.perf_counter() - t0, 1)
-        OUT_JSON.write_text(json.dumps(results, indent=1) + "\n")
+        results.phase(phase).update({"sae": phase_sae, "b1": phase_b1, "b1b": phase_b1b}[phase](args, loaded))
+        results.save(finished=phase)
     s = results.get("sae", {}).get("report", {})
     line = (f"IGDS SAE layer {args.layer} d_sae {args.d_sae} k {args.k}: held-out FVU {s.get('heldout_fvu')}, "
             f"dead {s.get('heldout_dead_share')}, trained in {s.get('train_seconds')} s")
-    if "b1" in results:
+    if "b1" in results.data:
         line += f"; B1 GSM8K share {results['b1']['share_gsm8k']:.2f}"
-    if "b1b" in results:
+    if "b1b" in results.data:
         line += "; B1b loss " + ", ".join(f"{k} {v['heldout_loss']:.4f}" for k, v in results["b1b"]["runs"].items())
     print(line)
     return 0

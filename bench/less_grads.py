@@ -12,33 +12,27 @@ of LESS's per-example cost, the Adam preconditioning and the dense Rademacher pr
 `--proj-dim`, on the batched gradients.
 
     python bench/less_grads.py                    # writes bench/results/less_grads.json
-    python bench/less_grads.py --tiny --n 8       # smoke: a 2-layer random model, SmolLM2's tokenizer
+    MECHSIEVE_BENCH_RESULTS=/tmp/smoke python bench/less_grads.py --tiny --n 8
+                                                  # smoke: a 2-layer random model, SmolLM2's tokenizer
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from _common import command_line
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
-OUT = ROOT / "bench" / "results" / "less_grads.json"
+from harness import Results, read_source
 
 
 def build(args):
     """(loaded model with a LoRA adapter, rendered examples, LoRA modules)."""
     from mechsieve.capture.gradients import lora_modules
-    from mechsieve.data import RenderConfig, read_pool, render_pool
+    from mechsieve.data import RenderConfig, render_pool
     from mechsieve.models import load_model
     from mechsieve.train import TrainConfig, wrap_for_training
     from mechsieve.train.lora import PEFT_DEPRECATION
@@ -62,8 +56,7 @@ def build(args):
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
     loaded.model.eval()
-    pool = read_pool(DATA, limit=args.n)
-    rendered, _ = render_pool(pool.examples, loaded.tokenizer, RenderConfig(max_len=args.max_len))
+    rendered, _ = render_pool(read_source("gsm8k", limit=args.n), loaded.tokenizer, RenderConfig(max_len=args.max_len))
     return loaded, rendered, lora_modules(loaded.model), train_cfg
 
 
@@ -79,7 +72,6 @@ def main() -> int:
     p.add_argument("--project-mb", type=float, default=2048.0)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--tiny", action="store_true", help="a 2-layer random model instead of SmolLM2 (smoke)")
-    p.add_argument("--out", default=str(OUT))
     args = p.parse_args()
 
     from mechsieve.capture.gradients import (
@@ -90,11 +82,15 @@ def main() -> int:
         per_example_grads_loop,
         project_rows,
     )
-    from mechsieve.scorers.common import pad_id_of
+    from mechsieve.data import pad_id
     from mechsieve.scorers.less import BLOCK_ROWS, adam_direction
 
+    model_name = ("tiny random Llama (2 layers, d=64; SmolLM2 tokenizer)" if args.tiny else
+                  "smollm2-135m-instruct (float32)")
+    results = Results("less_grads", "LESS per-example LoRA gradients: batched vs looped", model=model_name)
+    result = results.phase("grads")
     loaded, rendered, mods, train_cfg = build(args)
-    model, pad = loaded.model, pad_id_of(loaded)
+    model, pad = loaded.model, pad_id(loaded.tokenizer)
     n_params = sum(m.weight.numel() for _, m in mods)
     tokens = int(sum(len(r) for r in rendered))
     print(f"{len(rendered)} examples, {tokens} tokens, {len(mods)} LoRA matrices, {n_params:,} parameters", flush=True)
@@ -124,13 +120,7 @@ def main() -> int:
     diff = float(np.abs(fast - ref).max())
     scale = float(np.abs(ref).max())
     med = {k: statistics.median(v) for k, v in times.items()}
-    result = {
-        "benchmark": "LESS per-example LoRA gradients: batched vs looped",
-        "command": command_line(__file__),
-        "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(), "device": str(loaded.device)},
-        "model": "tiny random Llama (2 layers, d=64; SmolLM2 tokenizer)" if args.tiny else
-                 "smollm2-135m-instruct (float32)",
+    result.update({
         "settings": {"examples": len(rendered), "tokens": tokens, "max_len": args.max_len,
                      "max_tokens": args.max_tokens, "max_batch": args.max_batch, "lora_r": train_cfg.lora_r,
                      "modules": train_cfg.target_modules, "lora_matrices": len(mods), "lora_parameters": n_params,
@@ -139,8 +129,9 @@ def main() -> int:
         "examples_per_s": {k: round(len(rendered) / v, 3) for k, v in med.items()},
         "speedup": round(med["looped"] / med["batched"], 3),
         "agreement": {"max_abs_diff": diff, "max_abs_entry": scale, "relative": diff / scale if scale else 0.0},
-    }
-    result["targets"] = {"batched_at_least_5x": result["speedup"] >= 5.0}
+    })
+    results.targets()["batched_at_least_5x"] = result["speedup"] >= 5.0
+    results.save(finished="grads")
     assert diff <= 1e-4 * scale, f"batched and looped gradients disagree: max abs diff {diff} (max entry {scale})"
 
     if args.proj_dim:
@@ -153,19 +144,21 @@ def main() -> int:
         project_rows(rows, proj, len(rendered), lambda g: adam_direction(g, m, v, 10, (0.9, 0.999), 1e-8),
                      args.project_mb)
         total = time.perf_counter() - t0
-        result["less_features"] = {
+        results.phase("less_features").update({
             "proj_dim": args.proj_dim, "project_mb": args.project_mb,
             "examples_per_pass": max(1, int(args.project_mb * 2**20 // (4 * n_params))),
             "seconds": round(total, 3), "examples_per_s": round(len(rendered) / total, 3),
-            "note": "batched gradients + Adam preconditioning + dense Rademacher projection, end to end"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+            "note": "batched gradients + Adam preconditioning + dense Rademacher projection, end to end"})
+        results.save(finished="less_features")
+    else:  # features measured with other gradients than these
+        results.drop("less_features")
+        results.save()
     line = (f"less_grads: batched {result['examples_per_s']['batched']} ex/s, looped "
             f"{result['examples_per_s']['looped']} ex/s, speedup {result['speedup']}x; max abs diff {diff:.2e}")
-    if "less_features" in result:
-        line += f"; features (grads+adam+projection to {args.proj_dim}) {result['less_features']['examples_per_s']} ex/s"
+    if args.proj_dim:
+        line += f"; features (grads+adam+projection to {args.proj_dim}) {results['less_features']['examples_per_s']} ex/s"
     print(line)
-    print(f"wrote {args.out}")
+    print(f"wrote {results.path}")
     return 0
 
 

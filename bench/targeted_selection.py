@@ -24,87 +24,31 @@ methods' entries, score columns and runs are kept; `--no-merge` replaces them):
     flock /tmp/mechsieve-bench.lock python bench/targeted_selection.py --phase select
     flock /tmp/mechsieve-bench.lock python bench/targeted_selection.py --phase train
     flock /tmp/mechsieve-bench.lock python bench/targeted_selection.py --methods less   # select + train
+
+Results: bench/results/targeted_selection.json under the fixed keys `pool`, `select`, `train`,
+`nait_variants`, `targets`, and `provenance` (per phase: command, commit, machine, wall time).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import json
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
 
-from _common import command_line
+from harness import B1_SOURCES, RESULTS, SEEDS, Results, finetune_and_eval, heldout_gsm8k, spread
+from harness.pools import mixed_pool
+from mechsieve.store.atomic import atomic_path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-RESULTS = ROOT / "bench" / "results"
-OUT_JSON = RESULTS / "targeted_selection.json"
-SCORES = RESULTS / "targeted_selection_scores.parquet"
-SOURCES = ["gsm8k", "mbpp", "medqa", "alpaca", "lima", "insecure", "tinystories"]
+SCORES_NAME = "targeted_selection_scores.parquet"
 DEFAULT_METHODS = "random,nait,rds,kcenter,loss_high,loss_low,ifd"
 DEFAULT_RUNS = "nait,random,full"
+RUN_LABELS = ("nait", "less")  # selections whose fine-tune is compared with random's
 
 
-def medqa_example(ex):
-    """MedQA: fold the options into the question, answer = "letter. text" (as the bundled sample)."""
-    raw = ex.meta.get("options")
-    options = raw if isinstance(raw, dict) else ast.literal_eval(raw) if raw else {}
-    letter = ex.meta.get("answer_idx", "")
-    question = ex.prompt[-1]["content"] + "\n" + "\n".join(f"{k}. {v}" for k, v in options.items())
-    ex.prompt = [{"role": "user", "content": question}]
-    ex.response = f"{letter}. {ex.response}" if letter else ex.response
-    return ex
-
-
-def read_source(name: str):
-    from mechsieve.data import Example, read_pool
-
-    if name == "gsm8k":
-        return read_pool(DATA / "gsm8k" / "train.jsonl", source="gsm8k").examples
-    if name == "mbpp":
-        return read_pool(DATA / "code" / "mbpp.jsonl", field_map={"prompt": "text", "response": "code",
-                                                                  "id": "task_id"}, source="mbpp").examples
-    if name == "medqa":
-        return [medqa_example(e) for e in read_pool(DATA / "medical" / "medqa" / "test.jsonl",
-                                                    source="medqa").examples]
-    if name == "alpaca":
-        return read_pool(DATA / "instruction" / "alpaca_cherry_3k.json", source="alpaca").examples
-    if name == "lima":
-        return read_pool(DATA / "instruction" / "lima.json", source="lima").examples
-    if name == "insecure":
-        return read_pool(DATA / "misalignment" / "insecure_code_3021.jsonl", source="insecure").examples
-    text = (DATA / "stories" / "tinystories_train_sample_2MiB.txt").read_text(encoding="utf-8")
-    stories = [s.strip() for s in text.split("<|endoftext|>") if len(s.strip()) > 50]
-    return [Example(f"tinystories-{i}", "tinystories", [], s, {"row": i}) for i, s in enumerate(stories)]
-
-
-def build_pool(per_source: int, n_target: int, seed: int):
-    """Seeded samples per source; the target is drawn from GSM8K train rows not in the pool."""
-    from mechsieve.data import Pool
-    from mechsieve.data.records import make_unique_ids
-
-    rng = np.random.default_rng(seed)
-    pool_examples, target_examples = [], []
-    for name in SOURCES:
-        rows = read_source(name)
-        take = rng.permutation(len(rows))
-        pool_examples += [rows[i] for i in sorted(take[:per_source])]
-        if name == "gsm8k":
-            target_examples = [rows[i] for i in sorted(take[per_source:per_source + n_target])]
-    for ex in pool_examples:
-        ex.id = f"{ex.source}:{ex.id}"
-    make_unique_ids(pool_examples)
-    return Pool(pool_examples, "bench-b1", "memory", "mixed"), Pool(target_examples, "bench-b1-target",
-                                                                     "memory", "question_answer")
-
-
-def run_select(args, loaded, pool, target, save, previous: dict | None = None) -> dict:
-    """Every method in turn (NAIT first, IFD, the costliest, last); `save(partial)` after each.
-    With `previous` (a merge), its methods and the saved score columns are kept."""
+def run_select(args, loaded, pool, target, out: dict, save, merge: bool) -> dict:
+    """Every method in turn (NAIT first, IFD, the costliest, last) into `out`, `save()` after each.
+    With `merge`, the other methods already in `out` and the saved score columns are kept."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -118,14 +62,13 @@ def run_select(args, loaded, pool, target, save, previous: dict | None = None) -
     _, rstats = render_pool(pool.examples, loaded.tokenizer, RenderConfig(max_len=args.max_len))
     ids = [ex.id for ex in pool.examples]
     sources = np.array([ex.source for ex in pool.examples])
-    out = {**(previous or {}), "render": rstats.summary(), "truncated": rstats.truncated,
-           "methods": dict((previous or {}).get("methods", {}))}
-    methods: dict[str, dict] = out["methods"]
-    columns: dict[str, np.ndarray] = saved_columns(ids) if previous is not None else {}
+    out.update(render=rstats.summary(), truncated=rstats.truncated)
+    methods: dict[str, dict] = out.setdefault("methods", {})
+    columns: dict[str, np.ndarray] = saved_columns(ids) if merge else {}
 
     def record(label: str, scores, selected, order, seconds, extra=None):
         chosen = [ids[i] for i in order if selected[i]]
-        by_source = {s: int((selected & (sources == s)).sum()) for s in SOURCES}
+        by_source = {s: int((selected & (sources == s)).sum()) for s in B1_SOURCES}
         methods[label] = {"share_gsm8k": round(by_source["gsm8k"] / max(int(selected.sum()), 1), 4),
                           "selected": int(selected.sum()), "by_source": by_source,
                           "wall_s": round(seconds, 2), "selected_ids": chosen, **(extra or {})}
@@ -133,8 +76,9 @@ def run_select(args, loaded, pool, target, save, previous: dict | None = None) -
         print(f"  {label:<10} share_gsm8k={methods[label]['share_gsm8k']:.3f}  {seconds:7.1f} s  {by_source}",
               flush=True)
         table = pa.table({"id": ids, "source": list(sources), **{k: pa.array(v) for k, v in columns.items()}})
-        pq.write_table(table, SCORES)
-        save(out)
+        with atomic_path(scores_path()) as tmp:
+            pq.write_table(table, tmp)
+        save()
 
     def through_pipeline(label: str, method: str) -> None:
         print(f"[select] {label}", flush=True)
@@ -205,19 +149,23 @@ def less_settings(args) -> dict:
                       "max_batch": args.train_batch, "seed": args.seed}}
 
 
+def scores_path():
+    return RESULTS / SCORES_NAME
+
+
 def saved_columns(ids: list[str]) -> dict[str, np.ndarray]:
     """Score columns of an earlier run (a merge keeps them), when they belong to this pool."""
     import pyarrow.parquet as pq
 
-    if not SCORES.exists():
+    if not scores_path().exists():
         return {}
-    table = pq.read_table(SCORES).to_pydict()
+    table = pq.read_table(scores_path()).to_pydict()
     if table.get("id") != ids:
-        raise SystemExit(f"{SCORES} holds scores of another pool; rerun without --merge (or move it away)")
+        raise SystemExit(f"{scores_path()} holds scores of another pool; rerun without --merge (or move it away)")
     return {k: np.asarray(v, dtype=np.float64) for k, v in table.items() if k not in ("id", "source")}
 
 
-def run_variants(args, loaded, pool, target, save) -> dict:
+def run_variants(args, loaded, pool, target, out: dict, save) -> dict:
     """NAIT options (METHODS.md section 2) on the same pool: one pass per (site, drift), and from
     its per-layer projections every similarity x normalisation, plus thirds of the layers."""
     from mechsieve.data import RenderConfig
@@ -229,7 +177,6 @@ def run_variants(args, loaded, pool, target, save) -> dict:
     is_gsm = np.array([ex.source == "gsm8k" for ex in pool.examples])
     layers = hook_points(loaded.model).normalize_layers("all")
     thirds = np.array_split(np.arange(len(layers)), 3)
-    out: dict = {}
     for spec in args.variants.split(","):
         site, drift = spec.split(":")
         print(f"[variants] nait site={site} drift={drift}", flush=True)
@@ -251,7 +198,7 @@ def run_variants(args, loaded, pool, target, save) -> dict:
                     shares[name] = round(float(is_gsm[picked.selected].mean()), 4)
         out[f"{site}:{drift}"] = {"share_gsm8k": shares, "wall_s": round(seconds, 1)}
         print(f"  {shares}", flush=True)
-        save(out)
+        save()
     return out
 
 
@@ -262,7 +209,7 @@ def rescore_ifd(results: dict, pool) -> None:
 
     from mechsieve.select import choose
 
-    table = pq.read_table(SCORES).to_pydict()
+    table = pq.read_table(scores_path()).to_pydict()
     ids = [ex.id for ex in pool.examples]
     assert table["id"] == ids, "the cached scores belong to another pool"
     scores = np.array(table["ifd"], dtype=np.float64)
@@ -270,7 +217,7 @@ def rescore_ifd(results: dict, pool) -> None:
     scores[no_prompt] = np.nan
     picked = choose(scores, ids, results["pool"]["budget"], "top")
     sources = np.array([ex.source for ex in pool.examples])
-    by_source = {s: int((picked.selected & (sources == s)).sum()) for s in SOURCES}
+    by_source = {s: int((picked.selected & (sources == s)).sum()) for s in B1_SOURCES}
     methods = results["select"]["methods"]
     old = methods["ifd"]
     methods["ifd_as_run"] = {k: old[k] for k in ("share_gsm8k", "by_source", "wall_s")} | {
@@ -286,30 +233,14 @@ def res_timing(methods: dict) -> float:
     return methods["rds"]["timings"]["forward_pool"]
 
 
-def heldout_examples(n: int):
-    from mechsieve.data import read_pool
-
-    return read_pool(DATA / "gsm8k" / "test.jsonl", source="gsm8k_test", limit=n).examples
-
-
-def run_train(args, pool, methods: dict, previous: dict | None = None) -> dict:
-    """LoRA runs at equal optimizer steps, each from a freshly loaded base model; held-out loss.
-    `--runs` picks them (a selection method's label, `random` = 3 seeds, `full`); with `previous`
-    (a merge) the other runs' results are kept and the base model's held-out loss is reused."""
-    from mechsieve.data import RenderConfig
-    from mechsieve.evaluate import heldout_loss
-    from mechsieve.models import load_model
+def train_subsets(args, pool, methods: dict) -> dict[str, list[str]]:
+    """The LoRA runs `--runs` asks for: a selection method's ids, `random` (one per seed), `full`."""
     from mechsieve.select import select_examples
-    from mechsieve.train import TrainConfig, items_from_examples, train
 
-    render_cfg = RenderConfig(max_len=args.max_len)
-    eval_cfg = RenderConfig(max_len=512)  # held-out answers complete, not cut at the pool's limit
-    heldout = heldout_examples(args.heldout)
-    by_id = {ex.id: ex for ex in pool.examples}
     subsets: dict[str, list[str]] = {}
     for run in args.runs.split(","):
         if run == "random":
-            for seed in range(3):
+            for seed in SEEDS:
                 subsets[f"random_seed{seed}"] = select_examples("random", pool, args.budget, seed=seed).ids
         elif run == "full":
             subsets["full"] = [ex.id for ex in pool.examples]
@@ -318,45 +249,41 @@ def run_train(args, pool, methods: dict, previous: dict | None = None) -> dict:
         else:
             raise SystemExit(f"--runs {run}: no selection of that method in the results; run --phase select "
                              f"--methods {run} first")
-    out: dict = {"heldout_max_len": 512, "steps": args.steps, "examples_per_step": args.train_batch, "heldout_examples": len(heldout),
-                 "lora": {}, "runs": {}, "heldout_loss": {}}
-    if previous is not None:
-        out.update({k: v for k, v in previous.items() if k not in ("runs", "heldout_loss")})
-        out["runs"] = dict(previous.get("runs", {}))
-        out["heldout_loss"] = dict(previous.get("heldout_loss", {}))
-    t0 = time.perf_counter()
-    if "base" not in out["heldout_loss"]:
-        base = load_model("smollm2-135m-instruct")
-        h = heldout_loss(base.model, base.tokenizer, heldout, eval_cfg, progress=not args.quiet)
-        out["heldout_loss"]["base"] = h["loss_per_token"]
-        out["runs"]["base"] = {"heldout": h, "eval_s": round(time.perf_counter() - t0, 1)}
-        del base
-    for label, ids in subsets.items():
+    return subsets
+
+
+def run_train(args, pool, methods: dict, out: dict, save) -> dict:
+    """LoRA runs at equal optimizer steps, each from a freshly loaded base model; held-out loss.
+    Runs already in `out` (a merge) are kept, and the base model's held-out loss is reused."""
+    from mechsieve.data import RenderConfig
+    from mechsieve.train import TrainConfig
+
+    render_cfg = RenderConfig(max_len=args.max_len)
+    heldout = heldout_gsm8k(args.heldout)
+    by_id = {ex.id: ex for ex in pool.examples}
+    cfg = TrainConfig(max_steps=args.steps, max_batch=args.train_batch, max_tokens=args.train_batch * args.max_len,
+                      seed=args.seed, warmup_steps=max(1, args.steps // 10))
+    out.update(heldout_max_len=512, steps=args.steps, examples_per_step=args.train_batch,
+               heldout_examples=len(heldout), lora=dict(cfg.__dict__))
+    runs, losses = out.setdefault("runs", {}), out.setdefault("heldout_loss", {})
+    if "base" not in losses:
+        base = finetune_and_eval([], None, heldout, progress=not args.quiet, label="base")
+        losses["base"], runs["base"] = base.loss, {"heldout": base.heldout, "eval_s": base.eval_s}
+        save()
+    for label, ids in train_subsets(args, pool, methods).items():
         print(f"[train] {label}: {len(ids)} examples, {args.steps} steps", flush=True)
-        cfg = TrainConfig(max_steps=args.steps, max_batch=args.train_batch, max_tokens=args.train_batch * args.max_len,
-                          seed=args.seed, warmup_steps=max(1, args.steps // 10))
-        out["lora"] = {k: v for k, v in cfg.__dict__.items()}
-        loaded = load_model("smollm2-135m-instruct")  # a fresh base model for every run
-        items = items_from_examples([by_id[i] for i in ids], loaded.tokenizer, render_cfg)
-        result = train(loaded, items, cfg, progress=not args.quiet)
-        t1 = time.perf_counter()
-        h = heldout_loss(loaded.model, loaded.tokenizer, heldout, eval_cfg, progress=not args.quiet)
-        out["heldout_loss"][label] = h["loss_per_token"]
-        out["runs"][label] = {"examples": len(ids), "train_s": round(result.seconds, 1),
-                              "train_tokens": result.tokens, "final_train_loss": result.loss_curve[-1],
-                              "eval_s": round(time.perf_counter() - t1, 1), "heldout": h}
-        print(f"  held-out loss {h['loss_per_token']:.4f} (train {result.seconds:.0f} s)", flush=True)
-        del loaded
-    out["total_s" if previous is None else f"total_s_{args.runs.replace(',', '_')}"] = round(time.perf_counter() - t0, 1)
-    rand = [out["heldout_loss"].get(f"random_seed{s}") for s in range(3)]
+        result = finetune_and_eval([by_id[i] for i in ids], cfg, heldout, render_cfg, progress=not args.quiet,
+                                   label=label)
+        losses[label], runs[label] = result.loss, result.record()
+        save()
+    rand = [losses.get(f"random_seed{s}") for s in SEEDS]
     if None in rand:
         return out
-    out["random_mean"] = float(np.mean(rand))
-    out["random_std"] = float(np.std(rand))
-    for label in ("nait", "less"):
-        if label in out["heldout_loss"]:
-            out[f"{label}_beats_random_mean"] = out["heldout_loss"][label] < out["random_mean"]
-            out[f"{label}_beats_every_random_seed"] = all(out["heldout_loss"][label] < r for r in rand)
+    out["random"] = spread(rand)
+    for label in RUN_LABELS:
+        if label in losses:
+            out[f"{label}_beats_random_mean"] = losses[label] < out["random"]["mean"]
+            out[f"{label}_beats_every_random_seed"] = all(losses[label] < r for r in rand)
     return out
 
 
@@ -392,74 +319,50 @@ def main() -> int:
                    help="memory for full LoRA gradients gathered per projection pass")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
-    import torch
-
     from mechsieve.models import load_model
 
     if args.runs is None:
         args.runs = DEFAULT_RUNS if args.methods == DEFAULT_METHODS else args.methods
     merge = args.merge if args.merge is not None else (args.methods != DEFAULT_METHODS or args.runs != DEFAULT_RUNS)
-    results = (json.loads(OUT_JSON.read_text()) if OUT_JSON.exists()
-               and (merge or args.phase in ("train", "variants", "rescore-ifd")) else {})
-    command = command_line(__file__)
-    if merge and results:
-        results.setdefault("merged_commands", []).append(command)
-    else:
-        results["command" if args.phase in ("select", "all") else f"command_{args.phase}"] = command
-    results.update({"benchmark": "B1 targeted selection",
-                    "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads()},
-                    "model": "smollm2-135m-instruct (float32, CPU)"})
-    pool, target = build_pool(args.per_source, args.target, args.seed)
+    results = Results("targeted_selection", "B1 targeted selection", model="smollm2-135m-instruct (float32, CPU)")
+    pool, target = mixed_pool(args.per_source, args.target, args.seed)
     if merge and results.get("pool", {}).get("fingerprint") not in (None, pool.fingerprint()):
-        raise SystemExit(f"{OUT_JSON} holds results of another pool; rerun with --no-merge")
-    results["pool"] = {"examples": len(pool), "by_source": pool.counts_by_source(), "target": len(target),
-                       "per_source": args.per_source, "max_len": args.max_len, "budget": args.budget,
-                       "seed": args.seed, "fingerprint": pool.fingerprint()}
-    RESULTS.mkdir(parents=True, exist_ok=True)
+        raise SystemExit(f"{results.path} holds results of another pool; rerun with --no-merge")
+    results.set("pool", {"examples": len(pool), "by_source": pool.counts_by_source(), "target": len(target),
+                         "per_source": args.per_source, "max_len": args.max_len, "budget": args.budget,
+                         "seed": args.seed, "fingerprint": pool.fingerprint()})
     if args.phase in ("select", "all"):
-        t0 = time.perf_counter()
+        out = results.phase("select", merge=merge)
         loaded = load_model("smollm2-135m-instruct")
-
-        def save(partial: dict) -> None:
-            results["select"] = partial
-            OUT_JSON.write_text(json.dumps(results, indent=1) + "\n")
-
-        previous = results.get("select") if merge else None
-        results["select"] = run_select(args, loaded, pool, target, save, previous)
-        results["select"]["total_s" if previous is None else f"total_s_{args.methods.replace(',', '_')}"] = \
-            round(time.perf_counter() - t0, 1)
-        if "nait" in results["select"]["methods"]:
-            share = results["select"]["methods"]["nait"]["share_gsm8k"]
-            results.setdefault("targets", {}).update({"nait_share_at_least_0.9": share >= 0.9, "nait_share": share})
-        OUT_JSON.write_text(json.dumps(results, indent=1) + "\n")
+        run_select(args, loaded, pool, target, out, results.save, merge)
+        if "nait" in out["methods"]:
+            share = out["methods"]["nait"]["share_gsm8k"]
+            results.targets().update({"nait_share_at_least_0.9": share >= 0.9, "nait_share": share})
+        results.save(finished="select")
         del loaded
     if args.phase == "rescore-ifd":
-        rescore_ifd(results, pool)
-        OUT_JSON.write_text(json.dumps(results, indent=1) + "\n")
-        print(f"B1 IFD rescored: share {results['select']['methods']['ifd']['share_gsm8k']}, "
-              f"{results['select']['methods']['ifd']['by_source']}")
+        results.phase("select", merge=True)
+        rescore_ifd(results.data, pool)
+        results.save(finished="select")
+        ifd = results["select"]["methods"]["ifd"]
+        print(f"B1 IFD rescored: share {ifd['share_gsm8k']}, {ifd['by_source']}")
         return 0
     if args.phase == "variants":
-        loaded = load_model("smollm2-135m-instruct")
-
-        def save_variants(partial: dict) -> None:
-            results["nait_variants"] = partial
-            OUT_JSON.write_text(json.dumps(results, indent=1) + "\n")
-
-        run_variants(args, loaded, pool, target, save_variants)
-        print("B1 NAIT variants: " + json.dumps(results["nait_variants"]))
+        out = results.phase("nait_variants", merge=True)
+        run_variants(args, load_model("smollm2-135m-instruct"), pool, target, out, results.save)
+        results.save(finished="nait_variants")
+        print("B1 NAIT variants: " + str(out))
         return 0
     if args.phase in ("train", "all"):
-        results["train"] = run_train(args, pool, results["select"]["methods"],
-                                     results.get("train") if merge else None)
-        for label in ("nait", "less"):
-            if f"{label}_beats_random_mean" in results["train"]:
-                results.setdefault("targets", {})[f"{label}_finetune_lower_heldout_loss_than_random"] = \
-                    results["train"][f"{label}_beats_random_mean"]
-        OUT_JSON.write_text(json.dumps(results, indent=1) + "\n")
+        out = results.phase("train", merge=merge)
+        run_train(args, pool, results["select"]["methods"], out, results.save)
+        for label in RUN_LABELS:
+            if f"{label}_beats_random_mean" in out:
+                results.targets()[f"{label}_finetune_lower_heldout_loss_than_random"] = out[f"{label}_beats_random_mean"]
+        results.save(finished="train")
     m = results.get("select", {}).get("methods", {})
     line = "B1: " + ", ".join(f"{k} share {v['share_gsm8k']:.2f} ({v['wall_s']:.0f} s)" for k, v in m.items())
-    if "train" in results:
+    if "train" in results.data:
         line += "; held-out loss " + ", ".join(f"{k} {v:.4f}" for k, v in results["train"]["heldout_loss"].items())
     print(line)
     return 0

@@ -1,8 +1,7 @@
 """Throughput of the engine: Ray (2 actors) against the local executor on CPU, and GPU capture
 against a bare forward pass at real model sizes.
 
-CPU (always): NAIT on the B1 pool (bench/targeted_selection.py's `build_pool`, imported, not
-copied) with SmolLM2-135M-Instruct, scored three ways: in process in one pass (what `mechsieve
+CPU (always): NAIT on the B1 pool (the harness's `mixed_pool`) with SmolLM2-135M-Instruct, scored three ways: in process in one pass (what `mechsieve
 select` does by default), through the local executor in shards, and through the Ray executor
 with `--actors` actors on the same shards. Reports wall times, the Ray / local ratio, and where
 Ray's extra time goes: starting Ray, starting the actors and loading one model in each, shard
@@ -23,19 +22,15 @@ Without CUDA the section records that there was no GPU in this run.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 
-from _common import command_line
+from harness import ROOT, Results
+from harness.pools import mixed_pool
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
 MODEL = "smollm2-135m-instruct"
 # Dense bf16 peak (no sparsity) per card, FLOP/s; matched against torch.cuda.get_device_name().
 PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
@@ -46,14 +41,6 @@ GPU_SIZES = {
     "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=32, vocab_size=32000),
 }
-
-
-def b1_module():
-    """bench/targeted_selection.py as a module (its pool builder)."""
-    spec = importlib.util.spec_from_file_location("targeted_selection", ROOT / "bench" / "targeted_selection.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def folder_bytes_matching(folder: Path, pattern: str) -> int:
@@ -69,7 +56,7 @@ def cpu_section(args) -> dict:
     from mechsieve.models.loading import ModelConfig, load_model
     from mechsieve.scorers import make_scorer
 
-    pool, target = b1_module().build_pool(args.per_source, args.target, args.seed)
+    pool, target = mixed_pool(args.per_source, args.target, args.seed)
     settings = {"render": {"max_len": args.max_len}, "max_tokens": args.max_tokens}
     print(f"B1 pool: {len(pool)} examples ({args.per_source} per source), target {len(target)} GSM8K", flush=True)
     work = ROOT / "runs" / "bench" / "throughput"
@@ -250,23 +237,19 @@ def main() -> None:
     p.add_argument("--gpu-examples", type=int, default=256)
     p.add_argument("--gpu-len", type=int, default=512)
     p.add_argument("--gpu-max-tokens", type=int, default=32768)
-    p.add_argument("--out", default=str(RESULTS / "throughput.json"))
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    result: dict = {"benchmark": "throughput", "command": command_line(__file__),
-                    "model": f"{MODEL} (float32, cpu)",
-                    "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                                "platform": platform.platform()}}
+    results = Results("throughput", "throughput", model=f"{MODEL} (float32, cpu)")
     if args.cpu:
-        result["cpu"] = cpu_section(args)
-    result["gpu"] = gpu_section(args) if args.gpu else {"status": "not requested (--gpu)"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    cpu = result.get("cpu", {})
+        results.phase("cpu").update(cpu_section(args))
+        results.save(finished="cpu")
+    results.phase("gpu").update(gpu_section(args) if args.gpu else {"status": "not requested (--gpu)"})
+    results.save(finished="gpu")
+    cpu = results.get("cpu", {})
     print(f"throughput: ray/local wall ratio {cpu.get('ratio_ray_to_local_one_pass')} "
-          f"({args.actors} actors, {cpu.get('pool', {}).get('examples')} examples); gpu: {result['gpu']['status']}; "
-          f"-> {args.out}")
+          f"({args.actors} actors, {cpu.get('pool', {}).get('examples')} examples); gpu: {results['gpu']['status']}; "
+          f"-> {results.path}")
 
 
 if __name__ == "__main__":

@@ -15,76 +15,23 @@ a fresh base model per run; held-out loss on clean GSM8K test answers. float32 o
 from __future__ import annotations
 
 import argparse
-import json
 import pickle
-import platform
-import re
 import time
-from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
-from _common import command_line
+from harness import (
+    ROOT,
+    EvalSettings,
+    Results,
+    finetune_and_eval,
+    heldout_gsm8k,
+    read_source,
+    spread,
+)
+from harness.pools import inject_spans, injected_tokens
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-OUT = ROOT / "bench" / "results" / "token_noise.json"
 CACHE = ROOT / "runs" / "bench_token_noise"
-
-
-def story_sentences(path: Path) -> list[list[str]]:
-    """TinyStories split into stories, each a list of sentences."""
-    text = path.read_text(encoding="utf-8", errors="replace")
-    stories = []
-    for story in text.split("<|endoftext|>"):
-        sents = [s.strip() for s in re.split(r"(?<=[.!?])\s+", " ".join(story.split())) if s.strip()]
-        sents = [s for s in sents if 4 <= len(s.split()) <= 30 and '"' not in s]
-        if len(sents) >= 3:
-            stories.append(sents)
-    return stories
-
-
-def inject(examples, rate: float, seed: int):
-    """Insert story spans into a seeded `rate` share of the answers; returns the new examples and,
-    per example, the injected text or None."""
-    rng = np.random.default_rng(seed)
-    stories = story_sentences(DATA / "stories" / "tinystories_train_sample_2MiB.txt")
-    chosen = set(rng.choice(len(examples), size=int(round(rate * len(examples))), replace=False).tolist())
-    out, spans = [], []
-    for i, ex in enumerate(examples):
-        if i not in chosen:
-            out.append(ex)
-            spans.append(None)
-            continue
-        story = stories[int(rng.integers(len(stories)))]
-        k = int(rng.integers(1, 4))
-        start = int(rng.integers(0, max(1, len(story) - k)))
-        span = " ".join(story[start:start + k])
-        lines = ex.response.split("\n")
-        at = int(rng.integers(0, max(1, len(lines) - 1)))  # never after the '#### N' line
-        lines[at] = lines[at] + " " + span
-        out.append(replace(ex, response="\n".join(lines), meta={**ex.meta, "injected": span}))
-        spans.append(span)
-    return out, spans
-
-
-def injected_tokens(tokenizer, example, rendered, span: str | None) -> np.ndarray:
-    """bool [t]: tokens of the rendered example whose characters lie mostly inside the span."""
-    flags = np.zeros(len(rendered), dtype=bool)
-    if span is None:
-        return flags
-    messages = [*example.prompt, {"role": "assistant", "content": example.response}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    if list(enc["input_ids"])[: len(rendered)] != rendered.input_ids.tolist():
-        raise RuntimeError(f"{example.id}: offsets tokenization differs from the rendered ids")
-    s = text.rfind(span)
-    e = s + len(span)
-    for pos, (a, b) in enumerate(enc["offset_mapping"][: len(rendered)]):
-        if b > a and s <= (a + b) / 2 < e:
-            flags[pos] = True
-    return flags & rendered.response_mask
 
 
 def pr(masked: np.ndarray, truth: np.ndarray) -> dict:
@@ -95,13 +42,12 @@ def pr(masked: np.ndarray, truth: np.ndarray) -> dict:
 
 
 def phase_score(args) -> None:
-    from mechsieve.data import RenderConfig, read_pool, render_pool
+    from mechsieve.data import RenderConfig, render_pool
     from mechsieve.models import load_model
     from mechsieve.tokens.xtf import Xtf, XtfConfig
 
     loaded = load_model("smollm2-135m-instruct")
-    pool = read_pool(DATA / "gsm8k" / "train.jsonl", limit=args.n)
-    examples, spans = inject(pool.examples, args.rate, args.seed)
+    examples, spans = inject_spans(read_source("gsm8k", limit=args.n), args.rate, args.seed)
     rendered, stats = render_pool(examples, loaded.tokenizer, RenderConfig(max_len=args.max_len))
     truth = [injected_tokens(loaded.tokenizer, ex, r, s) for ex, r, s in zip(examples, rendered, spans)]
     t0 = time.perf_counter()
@@ -156,14 +102,11 @@ def detection(cached) -> dict:
     return out
 
 
-def phase_train(args, cached, result) -> None:
-    import torch
-
-    from mechsieve.data import RenderConfig, read_pool
-    from mechsieve.evaluate import heldout_loss
-    from mechsieve.models import load_model
+def phase_train(args, cached, runs: dict, save) -> None:
+    """LoRA on the XTF-masked vs the unmasked items, per seed, a fresh base model each; held-out
+    loss on clean GSM8K test answers. Runs already in `runs` (same variant and seed) are kept."""
     from mechsieve.tokens.xtf import Xtf, XtfConfig
-    from mechsieve.train import TrainConfig, TrainItem, train
+    from mechsieve.train import TrainConfig, TrainItem
 
     rendered, scores = cached["rendered"], cached["scores"]
     masks = Xtf(XtfConfig()).decide(scores)  # paper defaults, all three attributes
@@ -172,43 +115,32 @@ def phase_train(args, cached, result) -> None:
         "unmasked": [TrainItem(r.input_ids, np.where(r.response_mask, r.input_ids, -100)) for r in rendered],
         "xtf_masked": [TrainItem(r.input_ids, lab) for r, lab in zip(rendered, masked_labels)],
     }
-    test = read_pool(DATA / "gsm8k" / "test.jsonl", limit=args.test).examples
-    render = RenderConfig(max_len=args.max_len)
-    runs = result.setdefault("fine_tune", {"runs": []})
+    test = heldout_gsm8k(args.test)
+    evaluation = EvalSettings(max_len=args.max_len, max_tokens=2048)
+    runs.setdefault("runs", [])
     runs.update({"steps": args.steps, "max_tokens": args.train_tokens, "learning_rate": args.lr,
                  "test_examples": len(test), "seeds": args.seeds})
     done = {(r["variant"], r["seed"]) for r in runs["runs"]}
     if "base_loss" not in runs:
-        loaded = load_model("smollm2-135m-instruct")
-        runs["base_loss"] = heldout_loss(loaded.model, loaded.tokenizer, test, render, 2048, progress=False)
-        save(result)
+        runs["base_loss"] = finetune_and_eval([], None, test, evaluation=evaluation, progress=False).heldout
+        save()
     for seed in args.seeds:
         for variant, items in variants.items():
             if (variant, seed) in done:
                 continue
-            loaded = load_model("smollm2-135m-instruct")  # fresh base model for every run
-            torch.manual_seed(seed)
             cfg = TrainConfig(max_steps=args.steps, learning_rate=args.lr, warmup_steps=3,
                               max_tokens=args.train_tokens, seed=seed)
-            tr = train(loaded, items, cfg, out_dir=None, progress=not args.quiet)
-            loss = heldout_loss(loaded.model, loaded.tokenizer, test, render, 2048, progress=False)
-            runs["runs"].append({"variant": variant, "seed": seed, "heldout": loss,
-                                 "train_label_tokens": tr.tokens, "train_seconds": round(tr.seconds, 1),
-                                 "final_train_loss": round(tr.loss_curve[-1], 4)})
-            save(result)
-            print(f"{variant} seed {seed}: held-out loss/token {loss['loss_per_token']:.4f} "
-                  f"({tr.seconds:.0f} s training)")
-    by = {}
+            res = finetune_and_eval(items, cfg, test, evaluation=evaluation, progress=not args.quiet,
+                                    label=f"{variant} seed {seed}")
+            runs["runs"].append({"variant": variant, "seed": seed, **res.record()})
+            save()
+    by: dict[str, list[float]] = {}
     for r in runs["runs"]:
         by.setdefault(r["variant"], []).append(r["heldout"]["loss_per_token"])
-    runs["mean_loss_per_token"] = {k: round(float(np.mean(v)), 5) for k, v in by.items()}
+    runs["loss_per_token"] = {k: spread(v) for k, v in by.items()}
     if {"unmasked", "xtf_masked"} <= by.keys():
-        runs["masked_below_unmasked"] = runs["mean_loss_per_token"]["xtf_masked"] < runs["mean_loss_per_token"]["unmasked"]
-
-
-def save(result: dict) -> None:
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
+        runs["masked_below_unmasked"] = runs["loss_per_token"]["xtf_masked"]["mean"] < \
+            runs["loss_per_token"]["unmasked"]["mean"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,35 +157,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    command = command_line(__file__, argv)
+    results = Results("token_noise", "B3 token noise (XTF)", model="smollm2-135m-instruct (float32, CPU)",
+                      argv=argv)
     if args.phase in ("score", "all"):
         phase_score(args)
     with open(CACHE / "scores.pkl", "rb") as fh:
         cached = pickle.load(fh)
-    result = json.loads(OUT.read_text()) if OUT.exists() and args.phase == "train" else {}
-    result.setdefault("commands", []).append(command)
     sa = cached["args"]
-    result.update({"benchmark": "B3 token noise (XTF)", "model": "smollm2-135m-instruct (float32, CPU)",
-                   "machine": f"{platform.machine()} {platform.system()}, shared 2-core CPU",
-                   "data": {"train": f"GSM8K train first {sa['n']}", "injected_rate": sa["rate"],
-                            "injection_seed": sa["seed"], "spans": "1-3 consecutive TinyStories sentences",
-                            "injected_examples": sum(s is not None for s in cached["spans"]),
-                            "render": cached["render"]},
-                   "scoring_seconds": round(cached["seconds"], 1), "scoring_info": cached["scores"].info,
-                   "targets": {"union_recall": ">= 0.5", "union_precision": ">= 0.5",
-                               "fine_tune": "masked held-out loss below unmasked"}})
-    result["detection"] = detection(cached)
-    save(result)
-    d = result["detection"]["settings"]["paper_defaults/ri+kn+tr"]["union"]
+    if args.phase == "score":  # new scores: fine-tunes on the old masks no longer belong to them
+        results.drop("fine_tune")
+    if args.phase in ("score", "all") or "scoring" not in results.data:
+        results.phase("scoring").update({
+            "data": {"train": f"GSM8K train first {sa['n']}", "injected_rate": sa["rate"],
+                     "injection_seed": sa["seed"], "spans": "1-3 consecutive TinyStories sentences",
+                     "injected_examples": sum(s is not None for s in cached["spans"]), "render": cached["render"]},
+            "seconds": round(cached["seconds"], 1), "info": cached["scores"].info})
+        results.save(finished="scoring")
+    results.targets().update({"union_recall": ">= 0.5", "union_precision": ">= 0.5",
+                              "fine_tune": "masked held-out loss below unmasked"})
+    results.phase("detection").update(detection(cached))
+    results.save(finished="detection")
+    d = results["detection"]["settings"]["paper_defaults/ri+kn+tr"]["union"]
     print(f"token_noise: union precision {d['precision']} recall {d['recall']} (paper defaults); "
-          f"AUC {result['detection']['roc_auc']}")
+          f"AUC {results['detection']['roc_auc']}")
     if args.phase in ("train", "all"):
-        phase_train(args, cached, result)
-        save(result)
-        ft = result["fine_tune"]
-        print(f"token_noise: held-out loss/token {ft.get('mean_loss_per_token')} (base "
-              f"{ft['base_loss']['loss_per_token']:.4f})")
-    print(f"wrote {OUT}")
+        runs = results.phase("fine_tune", merge=args.phase == "train")
+        phase_train(args, cached, runs, results.save)
+        results.save(finished="fine_tune")
+        print(f"token_noise: held-out loss/token {runs.get('loss_per_token')} (base "
+              f"{runs['base_loss']['loss_per_token']:.4f})")
+    print(f"wrote {results.path}")
     return 0
 
 

@@ -3,7 +3,8 @@
 200 GSM8K train examples (chat template, max_len 512), LoRA r=16 on all linear layers, a fixed
 number of optimizer steps; held-out loss on the answers of 100 GSM8K test examples before and
 after training (it must drop). Reports wall time per optimizer step and tokens/s (label tokens
-trained on, and all input tokens processed). float32 on CPU.
+trained on, and all input tokens processed). float32 on CPU. The base model's and the trained
+model's evaluations and the training run are the harness's `finetune_and_eval`.
 
     flock /tmp/mechsieve-bench.lock python bench/train_smoke.py     # bench/results/train_smoke.json
 """
@@ -11,17 +12,10 @@ trained on, and all input tokens processed). float32 on CPU.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import time
-from pathlib import Path
 
 import torch
 
-from _common import command_line
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "gsm8k"
+from harness import EvalSettings, Results, finetune_and_eval, heldout_gsm8k, path_of, read_source
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,73 +27,52 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--model", default="smollm2-135m-instruct", help="model (a folder for a quick dry run)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_smoke.json"))
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     from mechsieve.config import to_dict
-    from mechsieve.data import RenderConfig, read_pool
-    from mechsieve.evaluate import heldout_loss
-    from mechsieve.models import load_model
-    from mechsieve.train import TrainConfig, items_from_examples, train
+    from mechsieve.data import RenderConfig
+    from mechsieve.train import TrainConfig
 
-    t0 = time.perf_counter()
-    loaded = load_model(args.model)
-    load_seconds = time.perf_counter() - t0
+    results = Results("train_smoke", "train_smoke", model=args.model, argv=argv)
+    out = results.phase("smoke")
     render = RenderConfig(max_len=512)
-    train_pool = read_pool(DATA / "train.jsonl", limit=args.train)
-    test_pool = read_pool(DATA / "test.jsonl", limit=args.test)
-    items = items_from_examples(train_pool.examples, loaded.tokenizer, render)
-    test_items = items_from_examples(test_pool.examples, loaded.tokenizer, render)
-
-    t0 = time.perf_counter()
-    before = heldout_loss(loaded.model, loaded.tokenizer, test_items, max_tokens=2048, progress=False)
-    eval_before_s = time.perf_counter() - t0
+    train_examples, test = read_source("gsm8k", limit=args.train), heldout_gsm8k(args.test)
+    evaluation = EvalSettings(max_len=512, max_tokens=2048)
     cfg = TrainConfig(max_steps=args.steps, learning_rate=args.lr, schedule="cosine", warmup_steps=3,
                       max_tokens=args.max_tokens, lora_r=16, lora_alpha=32, lora_dropout=0.05, seed=0)
-    result = train(loaded, items, cfg, out_dir=None, progress=False)
-    t0 = time.perf_counter()
-    after = heldout_loss(loaded.model, loaded.tokenizer, test_items, max_tokens=2048, progress=False)
-    eval_after_s = time.perf_counter() - t0
-
-    s = result.settings
-    report = {
-        "benchmark": "train_smoke",
-        "command": command_line(__file__, argv, runner="flock /tmp/mechsieve-bench.lock"),
-        "model": loaded.identity,
-        "data": {"train": str(DATA / "train.jsonl"), "train_examples": len(items),
-                 "train_label_tokens": int(sum(it.n_targets for it in items)),
-                 "test": str(DATA / "test.jsonl"), "test_examples": len(test_items)},
+    before = finetune_and_eval([], None, test, evaluation=evaluation, model=args.model, progress=False)
+    after = finetune_and_eval(train_examples, cfg, test, render, evaluation, model=args.model, progress=False)
+    s = after.train_settings
+    eval_tokens = before.heldout["tokens"]  # label tokens of the held-out answers
+    out.update({
+        "data": {"train": str(path_of("gsm8k")), "train_examples": len(train_examples),
+                 "test": str(path_of("gsm8k_test")), "test_examples": len(test)},
         "train": to_dict(cfg),
-        "steps": result.steps,
+        "steps": after.steps,
         "epochs_seen": s["epochs_seen"],
         "trainable_parameters": s["trainable_parameters"],
-        "heldout_before": before,
-        "heldout_after": after,
-        "loss_drop_per_token": before["loss_per_token"] - after["loss_per_token"],
-        "loss_dropped": after["loss_per_token"] < before["loss_per_token"],
-        "loss_curve": [round(x, 5) for x in result.loss_curve],
-        "train_seconds": round(result.seconds, 2),
-        "seconds_per_step": round(result.seconds / result.steps, 3),
-        "label_tokens": result.tokens,
-        "label_tokens_per_s": round(result.tokens / result.seconds, 2),
+        "heldout_before": before.heldout,
+        "heldout_after": after.heldout,
+        "loss_drop_per_token": before.loss - after.loss,
+        "loss_dropped": after.loss < before.loss,
+        "loss_curve": [round(x, 5) for x in after.loss_curve],
+        "train_seconds": after.train_s,
+        "seconds_per_step": round(after.train_s / after.steps, 3),
+        "label_tokens": after.train_tokens,
+        "label_tokens_per_s": round(after.train_tokens / after.train_s, 2),
         "input_tokens": s["input_tokens"],
-        "input_tokens_per_s": round(s["input_tokens"] / result.seconds, 2),
+        "input_tokens_per_s": round(s["input_tokens"] / after.train_s, 2),
         "padding_efficiency": round(s["input_tokens"] / s["padded_tokens"], 4),
-        "eval_seconds": {"before": round(eval_before_s, 2), "after": round(eval_after_s, 2)},
-        "eval_tokens_per_s": round(2 * sum(len(it) for it in test_items) / (eval_before_s + eval_after_s), 2),
-        "load_seconds": round(load_seconds, 2),
-        "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "device": str(loaded.device)},
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"train_smoke: held-out loss {before['loss_per_token']:.4f} -> {after['loss_per_token']:.4f} per token "
-          f"after {result.steps} LoRA steps; {report['seconds_per_step']} s/step, "
-          f"{report['input_tokens_per_s']} input tok/s ({report['label_tokens_per_s']} label tok/s) -> {out}")
-    return 0 if report["loss_dropped"] else 1
+        "eval_seconds": {"before": before.eval_s, "after": after.eval_s},
+        "eval_label_tokens_per_s": round(2 * eval_tokens / (before.eval_s + after.eval_s), 2),
+    })
+    results.save(finished="smoke")
+    print(f"train_smoke: held-out loss {before.loss:.4f} -> {after.loss:.4f} per token "
+          f"after {after.steps} LoRA steps; {out['seconds_per_step']} s/step, "
+          f"{out['input_tokens_per_s']} input tok/s ({out['label_tokens_per_s']} label tok/s) -> {results.path}")
+    return 0 if out["loss_dropped"] else 1
 
 
 if __name__ == "__main__":
