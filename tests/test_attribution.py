@@ -175,4 +175,55 @@ def test_attribute_command_ranks_labels_and_filters(model_dir, tmp_path, capsys)
     assert "ranking" in capsys.readouterr().out
     # a method needing a concept, given none, is a user error (exit 2), not a traceback
     assert main(["attribute", "--method", "vector-filter", "--model", str(model_dir), "--pool", str(pool_file),
-                 "--out", str(out), "--quiet"]) == 2
+                 "--out", str(tmp_path / "out2"), "--quiet"]) == 2
+    assert "a concept is needed" in capsys.readouterr().err
+
+
+def test_attribute_label_field_parses_csv_strings(model_dir, tmp_path, capsys):
+    """A CSV's labels are strings: "0" and "False" are negatives, not truthy (every example a
+    positive would make AUC-PR read 1)."""
+    import csv
+    import json
+
+    from mechsieve.cli import main
+
+    values = ["1", "0", "False", "True", "no", "YES", " 0 ", "false", "0", "1"]
+    path = tmp_path / "pool.csv"
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["question", "answer", "planted"])
+        for i, value in enumerate(values):
+            writer.writerow([f"What is {i} plus {i}?", f"{i} + {i} = {2 * i}", value])
+    pos, neg = _write(_pool(4, "p"), tmp_path / "p.jsonl"), _write(_pool(4, "n", shift=1), tmp_path / "n.jsonl")
+    argv = ["attribute", "--method", "vector-filter", "--model", str(model_dir), "--pool", str(path),
+            "--concept", pos, neg, "--layer", "1", "--label-field", "planted", "--quiet", "--set", "scorer.max_len=64"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    ranking = [json.loads(x) for x in (tmp_path / "out" / "ranking.jsonl").read_text().splitlines()]
+    assert sum(r["label"] for r in ranking) == 4  # rows 0, 3, 5 and 9
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["metrics"]["positives"] == 4 and summary["metrics"]["base_rate"] == 0.4
+    # a value that is not a label is refused, naming the file:line, the example, the field and the value
+    values[6] = "maybe"
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["question", "answer", "planted"])
+        for i, value in enumerate(values):
+            writer.writerow([f"What is {i} plus {i}?", f"{i} + {i} = {2 * i}", value])
+    assert main([*argv, "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:8: example " in err and "has planted='maybe', which is not a label" in err
+    assert "1/true/yes or 0/false/no" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
+    assert main([*argv[:-5], "--label-field", "plantd", "--quiet", "--set", "scorer.max_len=64",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "no record has the field 'plantd'" in capsys.readouterr().err
+
+
+def test_parse_label_values():
+    import numpy as np
+
+    from mechsieve.commands.attribute import parse_label
+
+    assert [parse_label(v) for v in (True, False, 1, 0, 1.0, np.int64(0), np.bool_(True), "Yes", "FALSE", "1")] == [
+        True, False, True, False, True, False, True, True, False, True]
+    assert [parse_label(v) for v in (2, -1, 0.5, "", "maybe", None, "t", [1])] == [None] * 8

@@ -88,3 +88,67 @@ def test_captured_values_match_the_api(model_dir, pool_file, tmp_path):
     result, _ = capture_pool(load_model(str(model_dir)), read_pool(pool_file), CaptureConfig(), progress=False)
     np.testing.assert_allclose(load_file(str(out / "activations.safetensors"))["mean_response"],
                                result.arrays["mean_response"], atol=1e-6)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a model fails the test: settings must be refused before."""
+    import mechsieve.models.loading as loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "nait", "--budget", "abc"], "budget 'abc' is not understood"),
+    (["--method", "random", "--budget", "0"], "budget 0 must be a count >= 1"),
+    (["--method", "nat"], "method: unknown method 'nat'; available: "),
+    (["--method", "nat"], "; did you mean nait?"),
+    (["--method", "nait", "--set", "scorer.layrs=[0]"],
+     "scorer.layrs: nait has no setting layrs; its settings are: render, max_tokens, "),
+    (["--method", "nait", "--set", "scorer.layrs=[0]"], "; did you mean layers?"),
+    (["--method", "nait", "--set", "scorer.render.mx_len=8"],
+     "scorer.render.mx_len: nait's render section has no setting mx_len; its settings are: max_len, "),
+    (["--method", "nait", "--set", "scorer.site=attn"], "scorer.site='attn' is not allowed"),
+])
+def test_select_checks_settings_before_reading_the_pool_or_loading_the_model(extra, message, tmp_path, capsys,
+                                                                             no_model):
+    missing = tmp_path / "not-here.jsonl"  # a pool read first would be refused as missing instead
+    code = main(["select", "--pool", str(missing), "--target", str(missing), "--out", str(tmp_path / "o"),
+                 "--quiet", *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "not-here" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_attribute_and_experiment_check_settings_first(tmp_path, capsys, no_model):
+    missing = str(tmp_path / "not-here.jsonl")
+    assert main(["attribute", "--pool", missing, "--concept", missing, missing, "--quiet",
+                 "--set", "scorer.max_lenn=64"]) == 2
+    err = capsys.readouterr().err
+    assert "scorer.max_lenn: vector-filter has no setting max_lenn; its settings are: " in err
+    assert "did you mean max_len?" in err
+    import yaml
+
+    base = {"pool": {"path": missing}, "methods": ["random", "nait"], "steps": 1,
+            "eval": [{"task": "loss", "data": {"path": missing}}]}
+    cases = [({"methods": ["random", "nat"]}, "methods: unknown method 'nat'; available: "),
+             ({"budget": "lots"}, "budget 'lots' is not understood"),
+             ({"method_settings": {"nait": {"layrs": [0]}}},
+              "method_settings.nait.layrs: nait has no setting layrs; its settings are: "),
+             ({"method_settings": {"niat": {}}}, "method_settings.niat: unknown method 'niat'")]
+    for change, message in cases:
+        (tmp_path / "exp.yaml").write_text(yaml.safe_dump({**base, **change}))
+        assert main(["experiment", "--config", str(tmp_path / "exp.yaml"), "--out", str(tmp_path / "e"),
+                     "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "not-here" not in err, err
+
+
+def test_an_unknown_setting_suggests_the_close_one(model_dir, tmp_path, capsys):
+    assert main(["capture", "--model", str(model_dir), "--pool", str(tmp_path / "none.jsonl"), "--quiet",
+                 "--set", "capture.layrs=[0]"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown setting(s) capture.layrs; CaptureConfig has: " in err and "did you mean capture.layers?" in err

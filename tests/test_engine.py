@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -305,6 +306,88 @@ def test_capture_and_token_scores_through_shards_match_one_pass(folder_model, tm
     assert all(np.array_equal(a, b) for a, b in zip(shards.eligible, one.eligible))
 
 
+def test_a_rerun_with_another_shard_size_never_reuses_shards_of_other_examples(folder_model, tmp_path,
+                                                                              monkeypatch):
+    from mechsieve.capture.activations import CaptureConfig
+    from mechsieve.data.render import RenderConfig
+    from mechsieve.engine import capture_sharded
+    from mechsieve.engine.steps import CaptureStep
+    from mechsieve.store.artefacts import SettingsMismatch, artefact_exists, load_artefact
+
+    pool, render_cfg = mixed_pool(9), RenderConfig(max_len=64)
+    cfg = CaptureConfig(layers=[0, 2], reductions=["mean_response"])
+    # 9 examples in shards of 4 or of 3: three shards either way, over other examples
+    assert len(plan_shards(pool.examples, 4)) == len(plan_shards(pool.examples, 3)) == 3
+    whole, _ = capture_sharded(folder_model, pool, cfg, render_cfg, tmp_path / "whole", EngineConfig(shard_size=3),
+                               progress=False)
+    run = CaptureStep.run
+
+    def ctrl_c_at_shard_2(self, shard):
+        if shard.index == 2:
+            raise KeyboardInterrupt
+        return run(self, shard)
+
+    folder = tmp_path / "cap"
+    monkeypatch.setattr(CaptureStep, "run", ctrl_c_at_shard_2)
+    with pytest.raises(KeyboardInterrupt):  # shards 0 and 1 (p0..p7) finished
+        capture_sharded(folder_model, pool, cfg, render_cfg, folder, EngineConfig(shard_size=4), progress=False)
+    monkeypatch.undo()
+    with pytest.raises(SettingsMismatch, match="shard_size: 4 there, 3 here"):
+        capture_sharded(folder_model, pool, cfg, render_cfg, folder, EngineConfig(shard_size=3), progress=False)
+    assert not artefact_exists(folder, "activations")
+    result, report = capture_sharded(folder_model, pool, cfg, render_cfg, folder,
+                                     EngineConfig(shard_size=3, overwrite=True), progress=False)
+    assert report["engine"]["ran"] == 3 and report["engine"]["resumed"] == 0
+    tensors, meta = load_artefact(folder, "activations")
+    np.testing.assert_array_equal(tensors["mean_response"], whole.arrays["mean_response"])
+    np.testing.assert_array_equal(tensors["n_response_tokens"], whole.n_response_tokens)
+    assert meta["ids"] == [ex.id for ex in pool.examples]
+
+
+def test_shards_are_checked_against_the_ids_they_cover_before_anything_is_saved(folder_model, tmp_path,
+                                                                               monkeypatch):
+    from mechsieve.capture.activations import CaptureConfig
+    from mechsieve.data.render import RenderConfig
+    from mechsieve.engine import capture_sharded
+    from mechsieve.engine.steps import CaptureStep
+    from mechsieve.store.artefacts import artefact_exists
+
+    pool, render_cfg = mixed_pool(6), RenderConfig(max_len=64)
+    cfg = CaptureConfig(layers=[0], reductions=["mean_response"])
+    engine = EngineConfig(shard_size=3, keep_shards=True)
+    folder = tmp_path / "cap"
+    run = CaptureStep.run
+
+    def drop_a_row(self, shard):  # a step that loses an example is an error, never a saved file
+        out = run(self, shard)
+        if shard.index == 1:
+            out.arrays["mean_response"] = out.arrays["mean_response"][:-1]
+        return out
+
+    monkeypatch.setattr(CaptureStep, "run", drop_a_row)
+    with pytest.raises(ShardError, match=r"shard 1 \(examples 3\.\.5, first id 'p3'\): mean_response has 2 "
+                                         r"rows for its 3 examples") as err:
+        capture_sharded(folder_model, pool, cfg, render_cfg, folder, engine, progress=False)
+    assert err.value.shard == 1
+    monkeypatch.undo()
+    assert not artefact_exists(folder, "activations")
+    shards = folder / "shards"
+    assert {p.name for p in shards.glob("*.done")} == {"shard-00000.done"}
+    # a finished shard whose marker names other examples than the plan's is computed again
+    marker = json.loads((shards / "shard-00000.done").read_text())
+    assert marker["ids"] == ["p0", "p1", "p2"] and marker["rows"] == 3
+    (shards / "shard-00000.done").write_text(json.dumps({**marker, "ids": ["p1", "p2", "p3"]}))
+    store = ShardStore(shards, json.loads((shards / "run.json").read_text())["settings"])
+    assert store.done() == {0} and store.done(plan_shards(pool.examples, 3)) == set()
+    with pytest.raises(EngineError, match=r"shard-00000.done: shard 0 holds ids 'p1'..'p3' \(3\), but the "
+                                          r"plan's shard 0 has 'p0'..'p2' \(3\)"):
+        store.read(0, ["p0", "p1", "p2"])
+    result, report = capture_sharded(folder_model, pool, cfg, render_cfg, folder, engine, progress=False)
+    assert report["engine"]["ran"] == 2 and report["engine"]["resumed"] == 0
+    whole, _ = capture_sharded(folder_model, pool, cfg, render_cfg, tmp_path / "whole", engine, progress=False)
+    np.testing.assert_array_equal(result.arrays["mean_response"], whole.arrays["mean_response"])
+
+
 # --- the commands ------------------------------------------------------------------------------
 
 def pool_files(tmp_path: Path) -> tuple[Path, Path]:
@@ -385,6 +468,16 @@ RAY = EngineConfig(executor="ray", shard_size=3, actors=2)
 RAY_ONE_ACTOR = EngineConfig(executor="ray", shard_size=3, actors=1)
 
 
+def cpus_free(ray, wait: float = 20.0) -> float:
+    """The CPUs free in the Ray session once it settles (killed actors hand theirs back a moment
+    later), waiting at most `wait` seconds for all of them."""
+    total = ray.cluster_resources()["CPU"]
+    deadline = time.monotonic() + wait
+    while (free := ray.available_resources().get("CPU", 0.0)) < total and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return free
+
+
 def test_ray_gives_the_local_scores_and_selection(ray_session, model_dir, folder_model, tmp_path):
     config = ModelConfig(name=str(model_dir), device="cpu")
     pool, target = mixed_pool(10), two_source_target()
@@ -401,6 +494,7 @@ def test_ray_gives_the_local_scores_and_selection(ray_session, model_dir, folder
         assert remote.ids == local.ids, method
         assert remote.settings["engine"]["executor"] == "ray" and remote.settings["engine"]["ran"] == 4
         assert remote.explanations == local.explanations
+        assert cpus_free(ray_session) == 2.0, f"{method}: the finished run's actors still hold CPUs"
 
 
 def test_ray_resumes_a_stopped_local_run_and_surfaces_a_failing_shard(ray_session, model_dir, folder_model,
@@ -445,3 +539,68 @@ def test_ray_capture_matches_local(ray_session, model_dir, folder_model, tmp_pat
     for name in cfg.reductions:
         np.testing.assert_array_equal(remote.arrays[name], local.arrays[name])
     np.testing.assert_array_equal(remote.n_response_tokens, local.n_response_tokens)
+
+
+def test_ray_runs_hand_every_cpu_back_after_a_failing_shard(ray_session, model_dir, folder_model, tmp_path):
+    # a failed run's actors once kept both CPUs, so the next run in the session waited forever
+    config = ModelConfig(name=str(model_dir), device="cpu")
+    pool = mixed_pool(4)
+    # the failing runs take both CPUs, as when the leak hung the suite; one actor resumes (cheaper)
+    failing, resuming = (EngineConfig(executor="ray", shard_size=2, actors=n) for n in (2, 1))
+    scorer, counter, poison = poisoned(tmp_path, bad="p3")
+    whole = LossScorer().score(pool, loaded=folder_model, progress=False)
+    for round in range(3):
+        folder = tmp_path / f"round{round}"
+        poison.write_text("p3")
+        with pytest.raises(ShardError, match=r"shard 1 \(examples 2\.\.3, first id 'p2'\) failed"):
+            score_pool(scorer, pool, model=config, engine=failing, folder=folder, progress=False)
+        assert cpus_free(ray_session) == 2.0, f"round {round}: the failed run's actors still hold CPUs"
+        poison.write_text("")
+        result, report = score_pool(scorer, pool, model=config, engine=resuming, folder=folder, progress=False)
+        assert report["ran"] + report["resumed"] == 2 and report["ran"] >= 1
+        np.testing.assert_allclose(result.scores, whole.scores, rtol=1e-5)
+        assert cpus_free(ray_session) == 2.0, f"round {round}: the finished run's actors still hold CPUs"
+
+
+@dataclass
+class SlowConfig(LossConfig):
+    """The loss baseline, plus a file each shard writes its first id to as it starts, and seconds
+    each shard then waits."""
+
+    started: str = ""
+    seconds: float = 0.0
+
+
+class SlowLoss(LossScorer):
+    name = "slow-loss"
+    config_cls = SlowConfig
+
+    def score_shard(self, shard, state, loaded=None, progress=True):
+        with open(self.config.started, "a") as f:
+            f.write(shard.examples[0].id + "\n")
+        time.sleep(self.config.seconds)
+        return super().score_shard(shard, state, loaded, progress)
+
+
+def test_ray_run_stopped_by_ctrl_c_hands_every_cpu_back(ray_session, model_dir, tmp_path):
+    import _thread
+    import threading
+
+    config = ModelConfig(name=str(model_dir), device="cpu")
+    started = tmp_path / "started.txt"
+    scorer = SlowLoss({"started": str(started), "seconds": 120.0})
+
+    def press_ctrl_c() -> None:  # once an actor is inside a shard, the driver waits for its output
+        deadline = time.monotonic() + 120
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        _thread.interrupt_main()
+
+    threading.Thread(target=press_ctrl_c, daemon=True).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        score_pool(scorer, mixed_pool(4), model=config, engine=EngineConfig(executor="ray", shard_size=2, actors=2),
+                   folder=tmp_path / "shards", progress=False)
+    assert time.monotonic() - start < 100, "Ctrl-C did not stop the run"
+    assert cpus_free(ray_session) == 2.0, "the interrupted run's actors still hold CPUs"

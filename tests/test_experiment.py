@@ -103,3 +103,24 @@ def test_summary_delta_and_config_errors(model_dir, tmp_path):
         from_dict(ExperimentConfig, {**_config(model_dir, tmp_path), "eval": []})
     with pytest.raises(ConfigError, match="twice"):
         from_dict(ExperimentConfig, {**_config(model_dir, tmp_path), "methods": ["random", "random"]})
+
+
+def test_an_edited_eval_file_is_evaluated_again(model_dir, tmp_path):
+    """The eval cache is keyed by the eval data's content: edit the file, and the rerun evaluates
+    it (selections and training still come from the cache)."""
+    rows = [json.loads(line) for line in (SAMPLES / "gsm8k_target.jsonl").read_text().splitlines()[:3]]
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = from_dict(ExperimentConfig, _config(model_dir, tmp_path / "exp", methods=["random"], seeds=[0], steps=1,
+                                              eval=[{"task": "loss", "name": "ev", "data": {"path": str(eval_file)}}]))
+    first = run_experiment(cfg, progress=False, log=lambda _: None)
+    assert first.cache_hits == {"selection": 0, "train": 0, "eval": 0}
+    same = run_experiment(cfg, progress=False, log=lambda _: None)
+    assert same.cache_hits == {"selection": 1, "train": 1, "eval": 2}
+    rows[0]["answer"] = "Something else entirely, then #### 7"
+    eval_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    edited = run_experiment(cfg, progress=False, log=lambda _: None)
+    assert edited.cache_hits == {"selection": 1, "train": 1, "eval": 0}
+    key = "ev/loss_per_token"
+    assert [r[key] for r in edited.rows] != [r[key] for r in first.rows]
+    assert [r[key] for r in same.rows] == [r[key] for r in first.rows]

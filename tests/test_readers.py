@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_jsonl
-from mechsieve.data import DataError, read_pool, write_subset
+from mechsieve.data import DataConfig, DataError, read_pool, write_subset
 from mechsieve.data.records import content_hash
 
 ALPACA = [{"instruction": "Add 2 and 3.", "input": "", "output": "5", "id": None},
@@ -160,3 +160,245 @@ def test_gzip_jsonl_and_limit(tmp_path):
         for i in range(5):
             fh.write(json.dumps({"question": f"q{i}", "answer": "a"}) + "\n")
     assert len(read_pool(path, limit=3)) == 3
+
+
+# --- issue 17: undecodable bytes, byte-order marks, the encoding setting --------------------------
+
+def test_undecodable_byte_in_jsonl_names_file_line_and_offset(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"text": "a"}\n{"text": "caf\xe9"}\n{"text": "b"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: byte 0xe9 at byte offset 27 is not valid utf-8.*"
+                                        r"data\.encoding=latin-1.*--skip-invalid"):
+        read_pool(path)
+    pool = read_pool(path, skip_invalid=True)
+    assert [e.response for e in pool.examples] == ["a", "b"] and [e.meta["row"] for e in pool.examples] == [0, 2]
+    assert len(pool.skipped) == 1 and pool.skipped[0].startswith(f"{path}:2: byte 0xe9")
+    latin = read_pool(DataConfig(path=str(path), encoding="latin-1"))
+    assert [e.response for e in latin.examples] == ["a", "café", "b"]
+
+
+def test_undecodable_byte_in_csv_names_the_line_it_is_on(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_bytes(b'question,answer\nq1,a1\n"q2\nmore \xff",a2\nq3,a3\n')
+    with pytest.raises(DataError, match=r"bad\.csv:4: byte 0xff at byte offset 31 is not valid utf-8"):
+        read_pool(path)
+    pool = read_pool(path, skip_invalid=True)
+    assert [e.response for e in pool.examples] == ["a1", "a3"] and len(pool.skipped) == 1
+    assert pool.skipped[0].startswith(f"{path}:4:")
+    out = write_subset(pool, [pool.examples[1].id], tmp_path / "out" / "sel.csv")
+    assert [e.response for e in read_pool(out).examples] == ["a3"]
+    (tmp_path / "head.csv").write_bytes(b'qu\xe9stion,answer\nq,a\n')
+    with pytest.raises(DataError, match=r"head\.csv:1: the header: byte 0xe9"):
+        read_pool(tmp_path / "head.csv", skip_invalid=True)
+
+
+def test_undecodable_byte_in_a_json_array_cannot_be_skipped(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_bytes(b'[\n {"text": "a"},\n {"text": "\xe9"}\n]\n')
+    for skip in (False, True):
+        with pytest.raises(DataError, match=r"bad\.json:3: byte 0xe9 at byte offset 29 is not valid utf-8; "
+                                            r"a JSON array is decoded as a whole"):
+            read_pool(path, skip_invalid=skip)
+    assert read_pool(DataConfig(path=str(path), encoding="latin-1")).examples[1].response == "é"
+
+
+@pytest.mark.parametrize("name, body", [
+    ("b.jsonl", b'{"text": "a"}\n{"text": "b"}\n'),
+    ("b.json", b'[{"text": "a"}, {"text": "b"}]'),
+    ("b.csv", b"text\na\nb\n"),
+])
+def test_a_utf8_byte_order_mark_reads_fine(tmp_path, name, body):
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + body)
+    pool = read_pool(path)
+    assert [e.response for e in pool.examples] == ["a", "b"] and pool.format == "text"
+    out = write_subset(pool, [pool.examples[1].id], tmp_path / "out" / name)
+    assert [e.response for e in read_pool(out).examples] == ["b"]
+
+
+def test_encoding_setting_is_checked():
+    from mechsieve.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.encoding='nope'"):
+        DataConfig(encoding="nope")
+    with pytest.raises(ConfigError, match="data.encoding='utf-16'.*iconv"):
+        DataConfig(encoding="utf-16")
+    assert DataConfig(encoding="utf-8-sig").encoding == "utf-8-sig"
+
+
+def test_cli_undecodable_pool_exits_2_naming_file_line(tmp_path, capsys):
+    from mechsieve.cli import main
+
+    path = tmp_path / "pool.jsonl"
+    path.write_bytes(b"".join(b'{"question": "q%d", "answer": "caf\xe9 %d"}\n' % (i, i) for i in range(4)))
+    out = tmp_path / "out"
+    assert main(["select", "--method", "random", "--pool", str(path), "--budget", "2", "--out", str(out),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:1: byte 0xe9" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    assert main(["select", "--method", "random", "--pool", str(path), "--budget", "2", "--out", str(out),
+                 "--set", "data.encoding=latin-1", "--quiet"]) == 0
+    assert len((out / "selected.jsonl").read_text(encoding="utf-8").splitlines()) == 2
+
+
+# --- issue 17: the fingerprint covers meta; a JSON array reads in linear time ---------------------
+
+def test_fingerprint_covers_meta_but_not_the_row(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"question": "q", "answer": "a", "options": ["x", "y"]}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"question": "q", "answer": "a", "options": ["x", "z"]}])
+    pa_, pb = read_pool(a, source="s"), read_pool(b, source="s")
+    assert pa_.examples[0].id == pb.examples[0].id and pa_.examples[0].response == pb.examples[0].response
+    assert pa_.fingerprint() != pb.fingerprint()
+    # Key order inside meta does not matter; where the record sat in the file does not either.
+    c = write_jsonl(tmp_path / "c.jsonl", [{"options": ["x", "y"], "answer": "a", "question": "q"}])
+    assert read_pool(c, source="s").fingerprint() == pa_.fingerprint()
+    d = tmp_path / "d.jsonl"
+    d.write_text('{not json}\n' + a.read_text())
+    skipped = read_pool(d, source="s", skip_invalid=True)
+    assert skipped.examples[0].meta["row"] == 1 and skipped.fingerprint() == pa_.fingerprint()
+
+
+def test_json_array_reads_in_linear_time_with_right_line_numbers(tmp_path):
+    import time
+
+    rows = [{"instruction": f"Add {i} and 1.", "input": "", "output": str(i + 1)} for i in range(20_000)]
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(rows, indent=1))
+    t0 = time.perf_counter()
+    assert len(read_pool(path)) == 20_000
+    assert time.perf_counter() - t0 < 5
+    del rows[17_000]["output"]
+    text = json.dumps(rows, indent=1)
+    path.write_text(text)
+    line = text[:text.index('"Add 17000 and 1."')].count("\n")  # the record's '{' is on the line above
+    t0 = time.perf_counter()
+    with pytest.raises(DataError, match=rf"big\.json:{line}: field 'output'"):
+        read_pool(path)
+    pool = read_pool(path, skip_invalid=True)
+    assert time.perf_counter() - t0 < 5
+    assert len(pool) == 19_999 and pool.skipped[0].startswith(f"{path}:{line}:")
+
+
+# --- issue 17: empty responses, long CSV fields, unreadable tables, layouts with nulls, --encoding --
+
+@pytest.mark.parametrize("name, rows, field", [
+    ("qa.jsonl", [{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": ""}], "answer"),
+    ("alpaca.json", [{"instruction": "i1", "output": "o1"}, {"instruction": "i2", "output": " \n"}], "output"),
+    ("text.jsonl", [{"text": "t1"}, {"text": ""}], "text"),
+    ("pc.jsonl", [{"prompt": "p1", "completion": "c1"}, {"prompt": "p2", "completion": ""}], "completion"),
+    ("chat.jsonl", [{"messages": [{"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1"}]},
+                    {"messages": [{"role": "user", "content": "u2"}, {"role": "assistant", "content": ""}]}],
+     "messages"),
+    ("qa.csv", [{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": ""}], "answer"),
+    ("mapped.jsonl", [{"task": "t1", "code": "c1"}, {"task": "t2", "code": ""}], "code"),
+])
+def test_an_empty_response_is_an_invalid_record(tmp_path, name, rows, field):
+    path = _write(tmp_path / name, rows, name.rsplit(".", 1)[1])
+    kw = {"field_map": {"prompt": "task", "response": "code"}} if name.startswith("mapped") else {}
+    line = {"json": 6, "csv": 3}.get(name.rsplit(".", 1)[1], 2)  # the second record (json: its '{')
+    with pytest.raises(DataError, match=rf"{name}:{line}: field '{field}': empty response.*--skip-invalid"):
+        read_pool(path, **kw)
+    pool = read_pool(path, skip_invalid=True, **kw)
+    assert len(pool) == 1 and len(pool.skipped) == 1 and pool.skipped[0].startswith(f"{path}:{line}: field")
+
+
+def test_prompt_only_records_are_still_read(tmp_path):
+    """A chat that ends on the user turn, or a mapping without a response column, has no response
+    field at all: such prompt-only records (generation prompts) stay readable."""
+    chat = write_jsonl(tmp_path / "p.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    assert read_pool(chat).examples[0].response == ""
+    mapped = write_jsonl(tmp_path / "m.jsonl", [{"task": "write f"}])
+    assert read_pool(mapped, field_map={"prompt": "task"}).examples[0].prompt[0]["content"] == "write f"
+
+
+def test_a_csv_field_longer_than_the_csv_module_limit_reads(tmp_path):
+    long = "7 " * 100_000
+    path = _write(tmp_path / "long.csv", [{"question": "q", "answer": "a"}, {"question": "q2", "answer": long}],
+                  "csv")
+    assert read_pool(path).examples[1].response == long
+
+
+def test_any_other_csv_error_names_file_and_line(tmp_path, monkeypatch):
+    import csv as csv_module
+
+    from mechsieve.data import readers
+
+    path = _write(tmp_path / "c.csv", [{"question": "q", "answer": "a"}, {"question": "q2", "answer": "x" * 50}],
+                  "csv")
+    monkeypatch.setattr(readers, "_allow_long_csv_fields", lambda: None, raising=False)
+    old = csv_module.field_size_limit(20)
+    try:
+        with pytest.raises(DataError, match=r"c\.csv:3: not a readable CSV row \(field larger than field limit"):
+            read_pool(path)
+    finally:
+        csv_module.field_size_limit(old)
+
+
+def test_a_truncated_parquet_file_is_a_data_error(tmp_path):
+    path = _write(tmp_path / "t.parquet", ALPACA, "parquet")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    for skip in (False, True):
+        with pytest.raises(DataError, match=r"t\.parquet: not a readable Parquet file \(.*\); "
+                                            r"was it written completely\?"):
+            read_pool(path, skip_invalid=skip)
+
+
+def test_a_truncated_or_empty_saved_dataset_is_a_data_error(tmp_path):
+    import datasets
+
+    path = _write(tmp_path / "cut", ALPACA, "disk")
+    for arrow in path.glob("*.arrow"):
+        arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    with pytest.raises(DataError, match=r"cut: not a readable saved dataset \(.*\); was it written completely\?"):
+        read_pool(path)
+    empty = tmp_path / "empty"
+    nothing = datasets.Dataset(pa.table({"question": pa.array([], pa.string()), "answer": pa.array([], pa.string())}))
+    nothing.save_to_disk(str(empty))
+    with pytest.raises(DataError, match=r"empty: no records$"):
+        read_pool(empty)
+    datasets.DatasetDict({"train": nothing}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DataError, match=r"dd: no records$"):
+        read_pool(tmp_path / "dd")
+
+
+@pytest.mark.parametrize("container", ["parquet", "disk"])
+def test_null_fields_do_not_count_for_the_layout(tmp_path, container):
+    rows = [{"id": f"g{i}", "question": f"q{i}", "answer": f"a{i}", "instruction": None, "output": None}
+            for i in range(3)] + [{"id": None, "question": None, "answer": None, "instruction": "Say hi.",
+                                   "output": "hi"}]
+    path = _write(tmp_path / ("mixed.parquet" if container == "parquet" else "mixed"), rows, container)
+    with pytest.raises(DataError, match=r"mixed(\.parquet)?:row 3: .*mixed layouts: expected layout "
+                                        r"question_answer \(detected from the first record\), found layout alpaca"):
+        read_pool(path)
+    pool = read_pool(path, skip_invalid=True)
+    assert pool.format == "question_answer" and [e.id for e in pool.examples] == ["g0", "g1", "g2"]
+    assert len(pool.skipped) == 1 and "row 3" in pool.skipped[0]
+
+
+def test_a_record_in_another_layout_says_so(tmp_path):
+    path = write_jsonl(tmp_path / "m.jsonl", [{"question": "q", "answer": "a"},
+                                              {"instruction": "Say hi.", "input": "", "output": "hi"}])
+    with pytest.raises(DataError, match=r"m\.jsonl:2: field 'question'.*mixed layouts: expected layout "
+                                        r"question_answer \(detected from the first record\), found layout alpaca"):
+        read_pool(path)
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("id,answer,input,instruction,output,question\nr0,a,,,,q\n,,,Say hi.,hi,\n")
+    assert read_pool(csv_path, skip_invalid=True).format == "question_answer"
+    with pytest.raises(DataError, match=r"m\.csv:3: field 'answer': empty response.*found layout alpaca"):
+        read_pool(csv_path)
+
+
+def test_cli_encoding_flag(tmp_path, capsys):
+    from mechsieve.cli import main
+
+    path = tmp_path / "pool.csv"
+    path.write_bytes(b"".join([b"question,answer\n"] + [b"q%d,caf\xe9 %d\n" % (i, i) for i in range(4)]))
+    out = tmp_path / "out"
+    argv = ["select", "--method", "random", "--pool", str(path), "--budget", "2", "--out", str(out), "--quiet"]
+    assert main(argv) == 2 and f"{path}:2: byte 0xe9" in capsys.readouterr().err
+    assert main([*argv, "--encoding", "latin-1"]) == 0
+    rows = (out / "selected.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[0] == "question,answer" and len(rows) == 3 and all("café" in r for r in rows[1:])
+    assert main([*argv[:-1], "--encoding", "nope", "--quiet"]) == 2
+    assert "data.encoding='nope'" in capsys.readouterr().err

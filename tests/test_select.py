@@ -165,3 +165,45 @@ def test_cli_select_nait_on_a_tiny_model(tmp_path, model_dir, capsys):
     assert summary["settings"]["scorer"]["layers"] == [0, 1] and summary["selected"]["examples"] == 3
     assert len((out / "selected.jsonl").read_text().splitlines()) == 3
     assert main(["select", "--method", "random", "--pool", str(pool), "--budget", "99", "--out", str(out)]) == 2
+
+
+def test_cli_select_on_a_dataset_dict_writes_the_split_subset_and_scores(tmp_path, capsys):
+    import datasets
+    import pyarrow.parquet as pq
+
+    from mechsieve.cli import main
+
+    train = datasets.Dataset.from_list([{"question": f"t{i}", "answer": f"x{i}"} for i in range(3)])
+    test = datasets.Dataset.from_list([{"question": f"e{i}", "answer": f"y{i}"} for i in range(6)])
+    folder = tmp_path / "dd"
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(folder))
+    out = tmp_path / "out"
+    assert main(["select", "--method", "random", "--pool", str(folder), "--budget", "2", "--out", str(out),
+                 "--set", "data.split=test", "--quiet"]) == 0
+    scores = pq.read_table(out / "scores.parquet").to_pydict()
+    assert len(scores["id"]) == 6 and sum(scores["selected"]) == 2
+    written = datasets.load_from_disk(str(out / "selected"))
+    assert list(written) == ["test"] and written["test"].num_rows == 2
+    chosen = {q for q, s in zip([f"e{i}" for i in range(6)], scores["selected"]) if s}
+    assert set(written["test"]["question"]) == chosen
+    assert json.loads((out / "summary.json").read_text())["selected"]["examples"] == 2
+
+
+def test_a_failing_subset_writer_leaves_the_scores_written(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    import mechsieve.data.writers as writers
+    from mechsieve.data import read_pool
+
+    pool = read_pool(write_jsonl(tmp_path / "pool.jsonl", [{"text": f"t{i}"} for i in range(5)]))
+    sel = select_examples("random", pool, 2, seed=0, progress=False)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(writers, "write_subset", broken)
+    with pytest.raises(OSError, match="disk full") as info:
+        write_selection(pool, sel, tmp_path / "out")
+    scores = pq.read_table(tmp_path / "out" / "scores.parquet").to_pydict()
+    assert scores["id"] == [ex.id for ex in pool.examples] and sum(scores["selected"]) == 2
+    assert any("scores.parquet" in note for note in getattr(info.value, "__notes__", []))

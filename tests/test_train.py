@@ -233,9 +233,10 @@ def test_cli_train_on_masked_tokenized_folder(model_dir, tokenizer, tmp_path, ca
     losses = []
     for extra in ([], ["--adapter", str(tmp_path / "run")]):
         code = main(["evaluate", "--model", str(model_dir), *extra, "--task", "loss", "--data",
-                     str(SAMPLES / "gsm8k_target.jsonl"), "--limit", "2", "--out", str(tmp_path / "ev"), "--quiet"])
+                     str(SAMPLES / "gsm8k_target.jsonl"), "--limit", "2", "--out", str(tmp_path / f"ev{len(losses)}"),
+                     "--quiet"])
         assert code == 0
-        metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())["results"][0]["metrics"]
+        metrics = json.loads((tmp_path / f"ev{len(losses)}" / "metrics.json").read_text())["results"][0]["metrics"]
         losses.append(metrics["loss_per_token"])
     assert losses[0] != losses[1] and all(math.isfinite(v) for v in losses)
 
@@ -246,3 +247,51 @@ def test_cli_train_on_a_pool(model_dir, tmp_path):
     code = main(["train", "--model", str(model_dir), "--data", str(SAMPLES / "gsm8k_train.jsonl"), "--limit", "3",
                  "--steps", "1", "--out", str(tmp_path / "run"), "--quiet"])
     assert code == 0 and (tmp_path / "run" / "train.json").exists()
+
+
+def test_steps_per_epoch_divides_by_the_processes():
+    from mechsieve.train.loop import steps_per_epoch
+
+    items = [TrainItem(np.arange(4), np.arange(4)) for _ in range(7)]
+    cfg = TrainConfig(max_batch=1)
+    assert steps_per_epoch(items, cfg) == 7
+    assert steps_per_epoch(items, cfg, world=2) == 4  # rank 0 takes buckets 0, 2, 4, 6
+    assert steps_per_epoch(items, TrainConfig(max_batch=1, grad_accum=2), world=2) == 2
+
+
+def test_two_processes_train_one_epoch_once_and_only_the_main_one_prints(model_dir, tmp_path):
+    """torchrun with 2 CPU processes (gloo): epochs=1 covers the data once between them (half the
+    optimizer steps of one process, the same label tokens), and only rank 0 prints."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from mechsieve.cli import main
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}."})
+                            + "\n" for i in range(8)))
+    common = ["train", "--model", str(model_dir), "--data", str(pool), "--epochs", "1",
+              "--set", "train.max_batch=1", "--set", "train.lora_r=2"]
+    assert main([*common, "--out", str(tmp_path / "one"), "--quiet"]) == 0
+    one = json.loads((tmp_path / "one" / "train.json").read_text())
+    assert one["steps"] == 8
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    assert torchrun, "torchrun ships with torch"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "mechsieve", *common,
+                           "--out", str(tmp_path / "two")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "train.json").read_text())
+    assert two["settings"]["processes"] == 2
+    assert two["steps"] == one["steps"] // 2 == two["settings"]["steps_per_epoch"]
+    assert two["tokens"] == one["tokens"]  # every label token once, as in the one-process epoch
+    assert two["settings"]["epochs_seen"] == 1.0
+    assert proc.stdout.count("read 8 examples") == 1
+    assert proc.stdout.count("LoRA r=2: 4 steps") == 1
+    assert proc.stdout.count("outputs:") == 1
+    assert proc.stderr.count("train:   0%") == 1, proc.stderr[-3000:]  # one progress bar

@@ -29,6 +29,30 @@ def check_choice(field: str, value: Any, allowed: typing.Iterable[Any]) -> None:
         raise ConfigError(f"{field}={value!r} is not allowed; choose one of {allowed}")
 
 
+def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
+    """'; did you mean X?' for the closest of `choices` to a mistyped `word`, else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def check_settings(cls: type, data: Any, prefix: str, owner: str) -> None:
+    """Refuse a key of the mapping `data` that dataclass `cls` has no field for (nested sections
+    too), naming the key as the user wrote it (`prefix` + key), `owner` (what the settings are
+    for, e.g. a method's name), its settings and the closest one. Values are checked by
+    `from_dict`; this only gives an unknown key the clearest message."""
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
+        return
+    hints = get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}: {owner} has no setting {key}; its settings are: "
+                              f"{', '.join(fields)}{did_you_mean(str(key), fields)}")
+        check_settings(hints[key], value, f"{prefix}{key}.", f"{owner}'s {key} section")
+
+
 def check_positive(field: str, value: float | int, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
@@ -105,9 +129,10 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        hint = did_you_mean(prefix + str(unknown[0]), [prefix + k for k in fields]) if len(unknown) == 1 else ""
         raise ConfigError(
-            f"unknown setting(s) {', '.join(prefix + k for k in unknown)}; "
-            f"{cls.__name__} has: {', '.join(prefix + k for k in fields)}"
+            f"unknown setting(s) {', '.join(prefix + str(k) for k in unknown)}; "
+            f"{cls.__name__} has: {', '.join(prefix + k for k in fields)}{hint}"
         )
     kwargs = {k: _coerce(prefix + k, hints[k], v) for k, v in data.items()}
     try:

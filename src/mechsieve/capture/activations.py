@@ -173,8 +173,8 @@ def check_positions(model: Any, longest: int) -> None:
     cfg = model.config
     limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     if limit and longest > limit:
-        raise ValueError(f"a rendered example has {longest} tokens, more than this model's {limit} "
-                         f"positions; lower render.max_len to at most {limit}")
+        raise ConfigError(f"a rendered example has {longest} tokens, more than this model's {limit} "
+                          f"positions; lower render.max_len to at most {limit}")
 
 
 def _chunk_batches(plan: BatchPlan, chunk_examples: int) -> list[list[int]]:

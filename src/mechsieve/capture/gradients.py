@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from mechsieve.capture.batching import Collated, collate, plan_batches
+from mechsieve.config import ConfigError
 from mechsieve.data.render import Rendered
 from mechsieve.models.hooks import StopForward, block_output, hook_points, unwrap
 
@@ -120,8 +121,9 @@ def linear_modules(model: Any, layers: Sequence[int], kinds: str = "all") -> lis
             if kinds == "all" or (kinds == "mlp" and is_mlp) or (kinds == "attn" and not is_mlp):
                 out.append((names[id(mod)], mod))
     if not out:
-        raise ValueError(f"no nn.Linear modules ({kinds}) in blocks {list(layers)} of this model "
-                         "(GPT-2 uses Conv1D: choose another architecture for gradient methods)")
+        raise ConfigError(f"no nn.Linear modules ({kinds}) in blocks {list(layers)} of this model "
+                          "(GPT-2 uses Conv1D: choose another architecture for gradient methods, or other "
+                          "tracked kinds / blocks)")
     return out
 
 

@@ -62,6 +62,37 @@ def check_engine(engine: Any, scorer_cls: type | None = None) -> None:
                           f"methods that can: {', '.join(shardable_methods())} (or use --engine local)")
 
 
+def scorer_class(method: str, settings: dict[str, Any] | None, key: str = "scorer") -> type:
+    """The scorer class of `method`, with its settings checked (unknown keys named with the method
+    they were meant for, values by its config) before any data is read or model loaded."""
+    from mechsieve.config import check_settings, did_you_mean, from_dict
+    from mechsieve.scorers.registry import RegistryError, available, get_scorer_class
+
+    try:
+        cls = get_scorer_class(method)
+    except RegistryError as err:
+        raise ConfigError(f"method: {err}{did_you_mean(method, available())}") from None
+    check_settings(cls.config_cls, settings or {}, f"{key}.", method)
+    from_dict(cls.config_cls, settings or {}, prefix=f"{key}.")
+    return cls
+
+
+def check_budget(budget: Any) -> None:
+    """Refuse a budget that does not parse (whether the pool can meet it is known only later)."""
+    from mechsieve.select.budget import SelectionError, parse_budget
+
+    try:
+        parse_budget(budget)
+    except SelectionError as err:
+        raise ConfigError(str(err)) from None
+
+
+def add_overwrite_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the output of an earlier run of this command in OUT (only the files it "
+                        "wrote, as listed in OUT/.mechsieve.json; other files there are kept)")
+
+
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model folder, hub id, or smollm2-135m-instruct (default)")
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
@@ -77,6 +108,8 @@ def add_data_flags(parser: argparse.ArgumentParser, flag: str = "--pool", key: s
     parser.add_argument("--skip-invalid", dest=f"{dest}_skip_invalid", action="store_true",
                         help="skip malformed records (counted and reported) instead of stopping")
     parser.add_argument("--limit", dest=f"{dest}_limit", type=int, help="read at most this many records")
+    parser.add_argument("--encoding", dest=f"{dest}_encoding",
+                        help="text encoding of .jsonl/.json/.csv files (default utf-8; e.g. latin-1, cp1252)")
 
 
 def parse_field_map(text: str) -> dict[str, str]:
@@ -103,6 +136,8 @@ def data_flags(args: argparse.Namespace, flag: str = "pool", key: str = "data") 
         out[f"{key}.skip_invalid"] = True
     if getattr(args, f"{flag}_limit", None):
         out[f"{key}.limit"] = getattr(args, f"{flag}_limit")
+    if getattr(args, f"{flag}_encoding", None):
+        out[f"{key}.encoding"] = getattr(args, f"{flag}_encoding")
     return out
 
 

@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from mechsieve.capture.activations import capture_pool
     from mechsieve.data.readers import read_pool
     from mechsieve.models.loading import load_model
+    from mechsieve.store.outputs import OutputFolder
 
     flags = {**model_flags(args), **data_flags(args), "out": args.out,
              "capture.layers": int_list(args.layers) if args.layers else None,
@@ -72,9 +73,12 @@ def run(args: argparse.Namespace) -> int:
              "overwrite": True if args.overwrite else None, **engine_flags(args)}
     cfg = build_config(CaptureCommand, args, flags)
     check_engine(cfg.engine)
+    # a capture resumes its chunks and reuses a finished capture: its own folder needs no --overwrite
+    folder = OutputFolder(cfg.out, NAME, resumes=True)
     pool = read_pool(cfg.data)
     if pool.skipped:
         print(f"skipped {len(pool.skipped)} invalid record(s); first: {pool.skipped[0]}")
+    entries = ["activations.safetensors", "activations.json", "activations.run.json", "chunks", "shards"]
     if cfg.engine.sharded:
         from dataclasses import replace
 
@@ -83,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         # Ray actors load their own copies: the driver only loads the model for a local run
         model = cfg.model if cfg.engine.executor == "ray" else load_model(cfg.model)
         engine = replace(cfg.engine, overwrite=cfg.engine.overwrite or cfg.overwrite)
+        folder.claim(entries)
         result, report = capture_sharded(model, pool, cfg.capture, cfg.render, cfg.out, engine,
                                          progress=not args.quiet, overwrite=cfg.overwrite)
         if "shards" in report["engine"]:
@@ -90,8 +95,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"engine {e['executor']}: {e['shards']} shards of {e['shard_size']} ({e['resumed']} resumed)")
     else:
         loaded = load_model(cfg.model)
+        folder.claim(entries)
         result, report = capture_pool(loaded, pool, cfg.capture, cfg.render, out_dir=cfg.out,
                                       overwrite=cfg.overwrite, progress=not args.quiet)
+    folder.finish()
     s = result.summary()
     print(f"read {len(pool)} examples ({pool.format}) from {pool.path}; {report['render']}")
     if report.get("cached"):

@@ -29,7 +29,10 @@ def run(args: argparse.Namespace) -> int:
     from mechsieve.data.writers import example_to_messages, write_jsonl
     from mechsieve.models.hooks import describe
     from mechsieve.models.loading import load_model
+    from mechsieve.store.outputs import OutputFolder
 
+    # the demo reuses its finished capture: its own folder needs no --overwrite
+    folder = OutputFolder(args.out, NAME, resumes=True)
     out = Path(args.out)
     t0 = time.perf_counter()
     print(f"[1] loading {args.model} (converted once from the packaged GGUF, then cached)")
@@ -40,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
           f"({loaded.identity['dtype']}) in {time.perf_counter() - t0:.1f} s")
     print("[2] reading the bundled samples (GSM8K, MBPP, MedQA; see data/samples/README.md)")
     pool = read_examples([str(sample_path("gsm8k_train.jsonl")), str(sample_path("medqa.jsonl"))])
+    folder.claim(["pool.jsonl", "capture", "select-nait", "select-random", "select-igds", "mask-tokens",
+                  "report.html"])
     mbpp = read_pool(sample_path("mbpp.jsonl"), field_map={"prompt": "text", "response": "code", "id": "task_id"},
                      source="mbpp")
     pool.examples += mbpp.examples
@@ -71,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     igds_outputs = igds_step(loaded, pool, out, args.quiet)
     folders = [out / "select-nait", out / "select-random", out / "select-igds", out / "mask-tokens"]
     report = report_step(out, folders, pools=[pool], tokenizer=loaded.tokenizer)
+    folder.finish()
     print(f"done in {time.perf_counter() - t0:.1f} s")
     print_outputs({"activations": out / "capture" / "activations.safetensors",
                    "settings": out / "capture" / "activations.json", **selection_outputs, **mask_outputs,

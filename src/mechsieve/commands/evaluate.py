@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from mechsieve.commands._common import (
     add_config_flags,
     add_data_flags,
     add_model_flags,
+    add_overwrite_flag,
     build_config,
     data_flags,
     model_flags,
@@ -46,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="label of the task in the output")
     p.add_argument("--max-new-tokens", type=int, help="generation tasks: longest answer (default 256)")
     p.add_argument("--out", help="output folder (default runs/evaluate)")
+    add_overwrite_flag(p)
     add_config_flags(p)
 
 
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from mechsieve.evaluate.tasks import evaluate_task
     from mechsieve.models.loading import load_model
     from mechsieve.store.atomic import write_json
+    from mechsieve.store.outputs import OutputFolder
     from mechsieve.train import load_adapter
 
     flags: dict = {**model_flags(args), "out": args.out, "adapter": args.adapter}
@@ -69,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = build_config(EvaluateCommand, args, flags)
     if not cfg.tasks:
         raise ConfigError("no task: give --task and --data, or a config file with a `tasks` list")
+    folder = OutputFolder(cfg.out, NAME, overwrite=args.overwrite)
     loaded = load_model(cfg.model)
     if cfg.adapter:
         load_adapter(loaded, cfg.adapter)
@@ -78,9 +81,10 @@ def run(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in res["metrics"].items())
         print(f"{res['name']} ({res['task']}, {res['data']}): {shown}  [{res['seconds']:.1f} s]")
         results.append(res)
-    out = Path(cfg.out)
+    out = folder.claim(["metrics.json", "outputs.json"])
     write_json(out / "metrics.json", {"model": loaded.identity, "adapter": cfg.adapter or None,
                                       "results": [{k: v for k, v in r.items() if k != "outputs"} for r in results]})
     write_json(out / "outputs.json", {r["name"]: r.get("outputs", {}) for r in results})
+    folder.finish()
     print_outputs({"metrics": out / "metrics.json", "predictions": out / "outputs.json"})
     return 0

@@ -16,6 +16,7 @@ from mechsieve.commands._common import (
     add_data_flags,
     add_engine_flags,
     add_model_flags,
+    add_overwrite_flag,
     build_config,
     check_engine,
     data_flags,
@@ -54,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_flags(p)
     add_data_flags(p)
     p.add_argument("--out", help="output folder (default runs/mask-tokens)")
+    add_overwrite_flag(p)
     p.add_argument("--domain", choices=["math", "code", "medicine"], help="built-in word list for task relevance")
     p.add_argument("--words-file", help="your own word list for task relevance (one word a line)")
     p.add_argument("--attributes", help="comma-separated subset of ri,kn,tr (default all three)")
@@ -67,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from mechsieve.config import to_dict
     from mechsieve.data.readers import read_pool
     from mechsieve.models.loading import load_model, load_tokenizer, resolve_model_path
+    from mechsieve.store.outputs import OutputFolder
     from mechsieve.tokens.pipeline import mask_examples, mask_examples_sharded, write_masked
     from mechsieve.tokens.xtf import bundled_words, parse_word_list
 
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
              "render.max_len": args.max_len, **engine_flags(args)}
     cfg = build_config(MaskTokensCommand, args, flags)
     check_engine(cfg.engine)
+    folder = OutputFolder(cfg.out, NAME, overwrite=args.overwrite)
     if cfg.xtf.words_file:
         words = parse_word_list(Path(cfg.xtf.words_file).read_text(encoding="utf-8"))
     else:
@@ -88,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         model = load_model(cfg.model)
         tokenizer, identity = model.tokenizer, model.identity
+    # the dataset's files (data-*.arrow among them) are recorded as they appear
+    folder.claim(["dataset_info.json", "state.json", "summary.json", "shards"])
     if cfg.engine.sharded:
         result = mask_examples_sharded(model, pool.examples, cfg.xtf, cfg.render, words, cfg.engine,
                                        Path(cfg.out) / "shards", tokenizer, progress=not args.quiet)
@@ -96,7 +102,12 @@ def run(args: argparse.Namespace) -> int:
     settings = {"command": to_dict(cfg), "model": identity, "pool": str(pool.path),
                 "pool_fingerprint": pool.fingerprint(), "words": len(words)}
     summary = write_masked(cfg.out, result, tokenizer, settings, top=cfg.top)
+    folder.finish()
     print(f"read {len(pool)} examples ({pool.format}) from {pool.path}; {result.render_summary}")
+    engine = result.scores.info.get("engine")
+    if engine and "shards" in engine:
+        print(f"engine {engine['executor']}: {engine['shards']} shards of {engine['shard_size']} "
+              f"({engine['resumed']} resumed from an earlier run)")
     shares = ", ".join(f"{k} {v:.1%}" for k, v in summary["masked_share"].items())
     print(f"masked {summary['masked_tokens']['union']} of {summary['eligible_tokens']} response tokens "
           f"({shares}) in {result.seconds} s")

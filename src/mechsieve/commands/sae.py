@@ -79,11 +79,14 @@ def train(args: argparse.Namespace) -> int:
     from mechsieve.models.hooks import hook_points
     from mechsieve.models.loading import load_model
     from mechsieve.store.artefacts import artefact_exists, load_artefact
+    from mechsieve.store.outputs import OutputFolder
 
     flags = {**model_flags(args), **data_flags(args), "layer": args.layer, "sae.d_sae": args.d_sae,
              "sae.k": args.k, "sae.epochs": args.epochs, "render.max_len": args.max_len, "out": args.out,
              "overwrite": True if args.overwrite else None}
     cfg = build_config(SaeTrainCommand, args, flags)
+    # an SAE made under the same settings is reused: its own folder needs no --overwrite
+    folder = OutputFolder(cfg.out, "sae train", resumes=True)
     paths = [x.strip() for x in cfg.data.path.split(",") if x.strip()]
     examples = [ex for path in paths for ex in read_pool(replace(cfg.data, path=path)).examples]
     make_unique_ids(examples)
@@ -98,8 +101,10 @@ def train(args: argparse.Namespace) -> int:
         print(f"an SAE with the same settings is already in {cfg.out}: reused it; report: {meta.get('report')}")
         print_outputs(outputs)
         return 0
+    folder.claim(["mechsieve_sae.safetensors", "mechsieve_sae.json"])
     trained = train_sae(loaded, pool.examples, layer, cfg.sae, cfg.render, cfg.max_tokens, progress=not args.quiet)
     save_sae(cfg.out, trained, settings)
+    folder.finish()
     r = trained.report
     print(f"trained a TopK SAE (d_sae {cfg.sae.d_sae}, k {cfg.sae.k}) at layer {layer} on {r['train_tokens']} tokens "
           f"in {r['train_seconds']} s; held-out ({r['heldout_tokens']} tokens): FVU {r['heldout_fvu']}, "

@@ -12,12 +12,15 @@ from mechsieve.commands._common import (
     add_data_flags,
     add_engine_flags,
     add_model_flags,
+    add_overwrite_flag,
     build_config,
+    check_budget,
     check_engine,
     data_flags,
     engine_flags,
     model_flags,
     print_outputs,
+    scorer_class,
 )
 from mechsieve.data.readers import DataConfig
 from mechsieve.engine.base import EngineConfig
@@ -68,6 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--order", choices=["auto", "top", "bottom"], help="which end of the scores (default: method's)")
     p.add_argument("--seed", type=int, help="seed (default 0)")
     p.add_argument("--out", help="output folder (default runs/select)")
+    add_overwrite_flag(p)
     add_model_flags(p)
     add_engine_flags(p)
     add_config_flags(p)
@@ -92,19 +96,20 @@ def read_targets(cfg: Any):
 def run(args: argparse.Namespace) -> int:
     from mechsieve.config import ConfigError
     from mechsieve.data.readers import read_pool
+    from mechsieve.data.writers import subset_filename
     from mechsieve.scorers.base import ScorerError
-    from mechsieve.scorers.registry import RegistryError, get_scorer_class
     from mechsieve.select import SelectionError, parse_budget, select_examples, write_selection
+    from mechsieve.store.outputs import OutputFolder
 
     flags = {**model_flags(args), **data_flags(args), **data_flags(args, "target", "target"),
              "method": args.method, "budget": args.budget, "order": args.order, "seed": args.seed, "out": args.out,
              **engine_flags(args)}
     cfg = build_config(SelectCommand, args, flags)
-    try:
-        cls = get_scorer_class(cfg.method)
-    except RegistryError as err:
-        raise ConfigError(f"method: {err}") from None
+    # settings and the output folder first: a typo fails before a large pool is read or a model loaded
+    cls = scorer_class(cfg.method, cfg.scorer)
+    check_budget(cfg.budget)
     check_engine(cfg.engine, cls)
+    folder = OutputFolder(cfg.out, NAME, overwrite=args.overwrite)
     pool = read_pool(cfg.data)
     if pool.skipped:
         print(f"skipped {len(pool.skipped)} invalid record(s); first: {pool.skipped[0]}")
@@ -122,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
 
         loaded = load_model(cfg.model)
     order = None if cfg.order == "auto" else cfg.order
+    folder.claim([subset_filename(pool), "scores.parquet", "summary.json", "shards"])
     try:
         if cfg.engine.sharded:
             from mechsieve.engine import select_pool
@@ -138,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
              "target": {"path": cfg.target.path, "examples": len(target),
                         "fingerprint": target.fingerprint()} if target is not None else None}
     paths = write_selection(pool, sel, cfg.out, extra)
+    folder.finish()
     counts = sel.counts_by_source(pool)
     total = pool.counts_by_source()
     engine = sel.settings.get("engine")

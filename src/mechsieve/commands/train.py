@@ -10,6 +10,7 @@ from mechsieve.commands._common import (
     add_config_flags,
     add_data_flags,
     add_model_flags,
+    add_overwrite_flag,
     build_config,
     data_flags,
     model_flags,
@@ -42,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_flags(p)
     add_data_flags(p, flag="--data")
     p.add_argument("--out", help="output folder (default runs/train)")
+    add_overwrite_flag(p)
     p.add_argument("--steps", type=int, help="optimizer steps (default: from --epochs)")
     p.add_argument("--epochs", type=float, help="passes over the data (default 1)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 2e-4)")
@@ -57,7 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from mechsieve.data.readers import read_pool
     from mechsieve.models.loading import load_model
+    from mechsieve.store.outputs import OutputFolder
     from mechsieve.train import is_tokenized, items_from_examples, load_tokenized, train
+    from mechsieve.train.loop import is_main_process
+
+    # Under torchrun / accelerate launch every process runs this; only the main one speaks.
+    say = print if is_main_process() else (lambda *a, **k: None)
 
     flags = {**model_flags(args), **data_flags(args, flag="data", key="data"), "out": args.out,
              "train.max_steps": args.steps, "train.epochs": args.epochs, "train.learning_rate": args.lr,
@@ -65,18 +72,19 @@ def run(args: argparse.Namespace) -> int:
              "train.seed": args.seed, "train.full_finetune": True if args.full else None,
              "render.max_len": args.max_len}
     cfg = build_config(TrainCommand, args, flags)
+    folder = OutputFolder(cfg.out, NAME, overwrite=args.overwrite)
     loaded = load_model(cfg.model)
     if cfg.data.path and is_tokenized(cfg.data.path):
         items = load_tokenized(cfg.data.path)
         if cfg.data.limit:
             items = items[: cfg.data.limit]
-        print(f"read {len(items)} tokenized items (labels as given, masks included) from {cfg.data.path}")
+        say(f"read {len(items)} tokenized items (labels as given, masks included) from {cfg.data.path}")
     else:
         pool = read_pool(cfg.data)
         if pool.skipped:
-            print(f"skipped {len(pool.skipped)} invalid record(s); first: {pool.skipped[0]}")
+            say(f"skipped {len(pool.skipped)} invalid record(s); first: {pool.skipped[0]}")
         items = items_from_examples(pool.examples, loaded.tokenizer, cfg.render)
-        print(f"read {len(pool)} examples ({pool.format}) from {pool.path}; labels on response tokens")
+        say(f"read {len(pool)} examples ({pool.format}) from {pool.path}; labels on response tokens")
     vocab = loaded.model.get_input_embeddings().weight.shape[0]
     top = max(int(it.input_ids.max()) for it in items if len(it))
     if top >= vocab:
@@ -84,8 +92,14 @@ def run(args: argparse.Namespace) -> int:
 
         raise ConfigError(f"token id {top} is outside this model's vocabulary ({vocab}); the items were "
                           "tokenized for another model: pass that --model")
+    if is_main_process():  # the adapter's files (named by peft) are recorded as they appear
+        folder.claim(["train.json"])
     result = train(loaded, items, cfg.train, out_dir=cfg.out, progress=not args.quiet)
+    if is_main_process():
+        folder.finish()
     kind = "full fine-tuning" if cfg.train.full_finetune else f"LoRA r={cfg.train.lora_r}"
+    if not is_main_process():
+        return 0
     print(f"{kind}: {result.steps} steps, {result.tokens} label tokens in {result.seconds:.1f} s "
           f"({result.tokens_per_s:.1f} tok/s); loss {result.loss_curve[0]:.4f} -> {result.loss_curve[-1]:.4f}")
     print_outputs({"adapter" if not cfg.train.full_finetune else "model": Path(cfg.out),

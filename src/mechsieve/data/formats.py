@@ -9,6 +9,11 @@ Formats (detected in this order, each can be forced with `format=`):
 - `text`: plain `text`, all of it response (language-model style);
 - `mapping`: any record, with a field mapping `{"prompt": col, "response": col, "id": col,
   "system": col, "source": col}`.
+
+A field whose value is null counts as absent (a Parquet table of mixed layouts has every column in
+every row). A response field that is there but empty (or blank) is an invalid record: such an
+example has nothing to train on or score. Records without any response field stay prompt-only: a
+chat that ends on a user turn, a mapping without `response=`.
 """
 
 from __future__ import annotations
@@ -26,22 +31,23 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
 
 
 class RecordError(ValueError):
-    """A record lacks a field or has one of the wrong kind; `field` and `expected` say which."""
+    """A record lacks a field or has one of the wrong kind; `field` and `expected` say which
+    (or `problem` says what is wrong with the field, e.g. "empty response")."""
 
-    def __init__(self, field: str, expected: str, got: Any = None):
+    def __init__(self, field: str, expected: str, got: Any = None, problem: str = ""):
         self.field = field
         self.expected = expected
         shown = repr(got)
         if len(shown) > 80:
             shown = shown[:77] + "..."
-        super().__init__(f"field {field!r}: expected {expected}, got {shown}")
+        super().__init__(f"field {field!r}: {problem or f'expected {expected}, got {shown}'}")
 
 
 def detect_format(record: Mapping[str, Any]) -> str:
     """Name the format of one raw record, or raise RecordError listing what was looked for."""
     if not isinstance(record, Mapping):
         raise RecordError("<record>", "a JSON object / table row", record)
-    keys = set(record)
+    keys = {k for k, v in record.items() if v is not None}
     if "instruction" in keys and "output" in keys:
         return "alpaca"
     if "messages" in keys or "conversations" in keys:
@@ -114,16 +120,19 @@ def to_example(
 ) -> Example:
     """Convert one raw record in format `fmt` to an Example (id given, else a content hash)."""
     system = ""
+    response_field: str | None  # the field the response comes from; None for a prompt-only record
     if fmt == "alpaca":
         instruction = _text(record, "instruction")
         extra = _text(record, "input", optional=True)
         user = instruction + ("\n\n" + extra if extra.strip() else "")
         prompt = [{"role": "user", "content": user}]
-        response = _text(record, "output")
+        response, response_field = _text(record, "output"), "output"
         system = _text(record, "system", optional=True)
     elif fmt == "messages":
-        field = "messages" if "messages" in record else "conversations"
-        prompt, response = _split_chat(_messages(record.get(field), field), field)
+        field = "conversations" if record.get("messages") is None and "conversations" in record else "messages"
+        chat = _messages(record.get(field), field)
+        prompt, response = _split_chat(chat, field)
+        response_field = field if chat[-1]["role"] == "assistant" else None
     elif fmt == "prompt_completion":
         raw_prompt, raw_completion = record.get("prompt"), record.get("completion")
         if isinstance(raw_prompt, list):
@@ -137,11 +146,12 @@ def to_example(
             response = "".join(t["content"] for t in turns)
         else:
             response = _text(record, "completion")
+        response_field = "completion"
     elif fmt == "question_answer":
         prompt = [{"role": "user", "content": _text(record, "question")}]
-        response = _text(record, "answer")
+        response, response_field = _text(record, "answer"), "answer"
     elif fmt == "text":
-        prompt, response = [], _text(record, "text")
+        prompt, response, response_field = [], _text(record, "text"), "text"
     elif fmt == "mapping":
         if not mapping or "response" not in mapping and "prompt" not in mapping:
             raise RecordError("<mapping>", "a field mapping with at least prompt= or response=", mapping)
@@ -158,13 +168,17 @@ def to_example(
             prompt = [{"role": "user", "content": _text(record, mapping["prompt"])}]
         else:
             prompt = []
-        response = _text(record, mapping["response"]) if "response" in mapping else ""
+        response_field = mapping.get("response")
+        response = _text(record, response_field) if response_field else ""
         if "system" in mapping:
             system = _text(record, mapping["system"], optional=True)
         if "source" in mapping:
             source = _text(record, mapping["source"])
     else:
         raise RecordError("<format>", f"one of {list(FORMATS)}", fmt)
+    if response_field and not response.strip():
+        raise RecordError(response_field, "a non-empty response", response,
+                          problem="empty response (an example without one has nothing to train on or score)")
 
     if system and not (prompt and prompt[0]["role"] == "system"):
         prompt = [{"role": "system", "content": system}, *prompt]

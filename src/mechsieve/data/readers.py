@@ -3,15 +3,23 @@
 Errors point at the record: `file:line` for JSONL, JSON and CSV, `file:row N` for Parquet and
 saved datasets, with the field and what was expected. `skip_invalid=True` skips such records,
 counts them and keeps their messages in `Pool.skipped`.
+
+Text files are decoded line by line in `DataConfig.encoding` (UTF-8 by default, a leading UTF-8
+byte-order mark is dropped), so a byte that does not decode is one invalid record at its line and
+byte offset; a JSON array is decoded as a whole and such a byte stops the read. A Parquet file or
+saved dataset that Arrow cannot read (cut short) is one DataError naming it; a saved dataset with
+no rows is "no records".
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import csv
 import gzip
-import io
 import json
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +54,10 @@ class DataConfig:
     limit: int = 0
     """Read at most this many valid records (0 = all)."""
     split: str = "train"
-    """Split to read, for hub ids."""
+    """Split to read, for hub ids and for a saved DatasetDict folder (its subset keeps that split)."""
+    encoding: str = "utf-8"
+    """Text encoding of JSONL, JSON and CSV files (utf-8, latin-1, cp1252, ...; any encoding that
+    keeps ASCII as is). A UTF-8 byte-order mark is skipped. Subsets are written in UTF-8."""
 
     def __post_init__(self) -> None:
         if self.field_map and self.format == "auto":
@@ -54,6 +65,24 @@ class DataConfig:
         check_choice("data.format", self.format, ("auto", *FORMATS))
         if self.limit < 0:
             raise ConfigError(f"data.limit={self.limit} must be >= 0")
+        check_encoding("data.encoding", self.encoding)
+
+
+_ASCII_PROBE = '\n\r\t {}[]",:azAZ09'
+
+
+def check_encoding(name: str, encoding: str) -> None:
+    """Refuse an unknown encoding, or one that does not keep ASCII as is: lines are split on the
+    newline byte before decoding, so that one bad byte costs one record, not the file."""
+    try:
+        codec = codecs.lookup(encoding).name
+        ascii_safe = codec == "utf-8-sig" or _ASCII_PROBE.encode(codec) == _ASCII_PROBE.encode("ascii")
+    except (LookupError, TypeError):
+        raise ConfigError(f"{name}={encoding!r} is not a text encoding Python knows; "
+                          "try utf-8, latin-1 or cp1252") from None
+    if not ascii_safe:
+        raise ConfigError(f"{name}={encoding!r} is not supported: it does not keep ASCII bytes as is "
+                          f"(UTF-16/32); convert the file first, e.g. iconv -f {encoding} -t utf-8 IN > OUT")
 
 
 def container_of(path: str) -> str:
@@ -93,86 +122,185 @@ def default_source(path: str) -> str:
     return stem
 
 
-def _open_text(path: str) -> io.TextIOBase:
-    if path.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8", newline="")
+def _open_binary(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
-def iter_raw(path: str, container: str, split: str = "train") -> Iterator[tuple[str, int, Any]]:
-    """Yield (location, row, raw record) for every record; location is `file:line` or `file:row N`."""
-    if container == "jsonl":
-        with _open_text(path) as fh:
-            row = 0
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                loc = f"{path}:{lineno}"
+def _line_codec(encoding: str) -> tuple[str, bool]:
+    """(codec to decode each line with, whether a leading UTF-8 byte-order mark is dropped)."""
+    codec = codecs.lookup(encoding).name
+    if codec in ("utf-8", "utf-8-sig"):
+        return "utf-8", True
+    return codec, False
+
+
+def _bad_byte(path: str, data: bytes, err: UnicodeDecodeError, offset: int, encoding: str) -> str:
+    where = " of the decompressed file" if path.endswith(".gz") else ""
+    return f"byte 0x{data[err.start]:02x} at byte offset {offset + err.start}{where} is not valid {encoding}"
+
+
+def _decoded_lines(path: str, encoding: str) -> Iterator[tuple[int, str, str | None]]:
+    """Yield (line number, text, problem) for every line, split on \\n, \\r\\n and \\r as
+    `open(newline="")` does. `problem` names a byte that does not decode (the text then has it
+    replaced by U+FFFD), else None."""
+    codec, drop_bom = _line_codec(encoding)
+    lineno = offset = 0
+    with _open_binary(path) as fh:
+        for chunk in fh:
+            for raw in chunk.splitlines(keepends=True) if b"\r" in chunk else (chunk,):
+                lineno += 1
+                start = 3 if lineno == 1 and drop_bom and raw.startswith(codecs.BOM_UTF8) else 0
+                data = raw[start:] if start else raw
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield loc, row, _Invalid(f"not valid JSON ({err.msg} at column {err.colno})")
-                else:
-                    yield loc, row, record
-                row += 1
-    elif container == "json":
-        with _open_text(path) as fh:
-            text = fh.read()
-        yield from _iter_json_array(path, text)
-    elif container == "csv":
-        with _open_text(path) as fh:
-            reader = csv.DictReader(fh)
-            for row, record in enumerate(reader):
-                yield f"{path}:{reader.line_num}", row, dict(record)
-    elif container == "parquet":
-        import pyarrow.parquet as pq
+                    text, problem = data.decode(codec), None
+                except UnicodeDecodeError as err:
+                    text = data.decode(codec, "replace")
+                    problem = (f"{_bad_byte(path, data, err, offset + start, encoding)}; if the file is in "
+                               "another encoding, set it: --encoding latin-1 or --set data.encoding=latin-1 "
+                               "(or cp1252, ...)")
+                yield lineno, text, problem
+                offset += len(raw)
 
-        pf = pq.ParquetFile(path)
+
+def _decoded_text(path: str, encoding: str) -> str:
+    """The whole file decoded; a byte that does not decode stops the read (named by line and offset)."""
+    codec, drop_bom = _line_codec(encoding)
+    with _open_binary(path) as fh:
+        data = fh.read()
+    start = 3 if drop_bom and data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[start:].decode(codec)
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, start + err.start) + 1
+        raise DataError(f"{path}:{line}: {_bad_byte(path, data[start:], err, start, encoding)}; "
+                        "a JSON array is decoded as a whole, so --skip-invalid cannot skip this record: set the "
+                        "file's encoding (--encoding latin-1 or --set data.encoding=latin-1, cp1252, ...) "
+                        "or fix that byte") from None
+
+
+def iter_raw(path: str, container: str, split: str = "train", encoding: str = "utf-8"
+             ) -> Iterator[tuple[str, int, Any]]:
+    """Yield (location, row, raw record) for every record; location is `file:line` or `file:row N`.
+
+    A record that cannot be parsed or decoded comes as an `_Invalid` carrying why."""
+    if container == "jsonl":
         row = 0
-        for batch in pf.iter_batches(batch_size=1024):
-            for record in batch.to_pylist():
-                yield f"{path}:row {row}", row, record
+        for lineno, line, problem in _decoded_lines(path, encoding):
+            if problem is None and not line.strip():
+                continue
+            loc = f"{path}:{lineno}"
+            if problem is not None:
+                yield loc, row, _Invalid(problem, decoding=True)
                 row += 1
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                yield loc, row, _Invalid(f"not valid JSON ({err.msg} at column {err.colno})")
+            else:
+                yield loc, row, record
+            row += 1
+    elif container == "json":
+        yield from _iter_json_array(path, _decoded_text(path, encoding))
+    elif container == "csv":
+        yield from _iter_csv(path, encoding)
+    elif container == "parquet":
+        yield from _table_rows(path, _parquet_records(path), "Parquet file")
     elif container in ("disk", "hub"):
-        ds = _load_datasets(path, container, split)
-        for row, record in enumerate(ds):
-            yield f"{path}:row {row}", row, record
+        what = "saved dataset" if container == "disk" else "hub dataset"
+        yield from _table_rows(path, iter(_load_datasets(path, container, split)), what)
     else:
         raise DataError(f"{path}: unknown container {container!r}; expected one of {list(CONTAINERS)}")
 
 
 class _Invalid:
-    """A record that could not even be parsed; carries why."""
+    """A record that could not even be parsed (or decoded: `decoding`); carries why."""
 
-    def __init__(self, why: str):
+    def __init__(self, why: str, decoding: bool = False):
         self.why = why
+        self.decoding = decoding
+
+
+def _iter_csv(path: str, encoding: str) -> Iterator[tuple[str, int, Any]]:
+    """CSV rows; a row any of whose lines (a quoted field may span several) does not decode is
+    an `_Invalid` at the first such line. A row the csv module refuses stops the read, named."""
+    bad: dict[int, str] = {}
+
+    def texts() -> Iterator[str]:
+        for lineno, text, problem in _decoded_lines(path, encoding):
+            if problem is not None:
+                bad[lineno] = problem
+            yield text
+
+    _allow_long_csv_fields()
+    reader = csv.DictReader(texts())
+    try:
+        reader.fieldnames  # noqa: B018 - reads the header, so that its line can be checked alone
+        if bad:
+            lineno = min(bad)
+            raise DataError(f"{path}:{lineno}: the header: {bad[lineno]}; a header that does not decode "
+                            "cannot be skipped")
+        for row, record in enumerate(reader):
+            if bad:
+                lines = sorted(n for n in bad if n <= reader.line_num)
+                if lines:
+                    problem = bad[lines[0]]
+                    for n in lines:
+                        del bad[n]
+                    yield f"{path}:{lines[0]}", row, _Invalid(problem, decoding=True)
+                    continue
+            yield f"{path}:{reader.line_num}", row, dict(record)
+    except csv.Error as err:
+        # DictReader.line_num is updated after a row is read; its reader's, as each line is.
+        raise DataError(f"{path}:{reader.reader.line_num}: not a readable CSV row ({err})") from None
+
+
+def _allow_long_csv_fields() -> None:
+    """Lift the csv module's 128 KiB field limit (a long answer is data, not an error) to the
+    largest a C long takes."""
+    limit = sys.maxsize
+    while csv.field_size_limit() < limit:
+        try:
+            csv.field_size_limit(limit)
+        except OverflowError:  # a C long is 32 bits on Windows
+            limit //= 2
 
 
 def _iter_json_array(path: str, text: str) -> Iterator[tuple[str, int, Any]]:
-    """Walk a JSON array element by element so each record keeps its line number."""
+    """Walk a JSON array element by element so each record keeps its line number.
+
+    Line numbers come from one cursor that only moves forward: counting from the top for every
+    record made a 20k-record file take 38 s."""
     decoder = json.JSONDecoder()
+    seen = [0, 1]  # [position, line number at that position]
+
+    def line_at(pos: int) -> int:
+        seen[1] += text.count("\n", seen[0], pos)
+        seen[0] = pos
+        return seen[1]
+
     pos = _skip_ws(text, 0)
     if pos >= len(text):
         return
     if text[pos] != "[":
         # A single object, or a {"data": [...]} wrapper, is not what we read: say so.
-        raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}: expected a JSON array of records "
+        raise DataError(f"{path}:{line_at(pos)}: expected a JSON array of records "
                         f"(starting with '['), found {text[pos]!r}")
     pos = _skip_ws(text, pos + 1)
     row = 0
     while pos < len(text) and text[pos] != "]":
-        line = text.count("\n", 0, pos) + 1
+        line = line_at(pos)
         try:
             record, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{text.count(chr(10), 0, err.pos) + 1}: not valid JSON ({err.msg})") from err
+            raise DataError(f"{path}:{line_at(err.pos)}: not valid JSON ({err.msg})") from err
         yield f"{path}:{line}", row, record
         row += 1
         pos = _skip_ws(text, end)
         if pos < len(text) and text[pos] == ",":
             pos = _skip_ws(text, pos + 1)
         elif pos < len(text) and text[pos] != "]":
-            raise DataError(f"{path}:{text.count(chr(10), 0, pos) + 1}: expected ',' or ']' between records")
+            raise DataError(f"{path}:{line_at(pos)}: expected ',' or ']' between records")
 
 
 def _skip_ws(text: str, pos: int) -> int:
@@ -181,11 +309,59 @@ def _skip_ws(text: str, pos: int) -> int:
     return pos
 
 
+def _parquet_records(path: str) -> Iterator[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        yield from batch.to_pylist()
+
+
+def _table_rows(path: str, records: Iterator[Any], what: str) -> Iterator[tuple[str, int, Any]]:
+    """(location, row, record) of a table's rows; a file Arrow cannot read (cut short by a crash or
+    a copy, or not what its name says) is a DataError naming it, not a traceback."""
+    import pyarrow as pa
+
+    row = 0
+    while True:
+        try:
+            record = next(records)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"{path}: not a readable {what} ({_one_line(err)}); was it written completely? "
+                            "Write it again, or check the copy") from None
+        yield f"{path}:row {row}", row, record
+        row += 1
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())
+
+
+def _no_saved_rows(path: str, split: str) -> bool:
+    """Whether a `save_to_disk` folder (or the `split` of a saved DatasetDict) holds no data file:
+    `load_from_disk` fails on such a folder with an IndexError."""
+    folder = Path(path)
+    if (folder / "dataset_dict.json").exists():
+        folder = folder / split
+    try:
+        return json.loads((folder / "state.json").read_text(encoding="utf-8")).get("_data_files") == []
+    except (OSError, ValueError, AttributeError):
+        return False  # no readable state.json: let load_from_disk say what is wrong
+
+
 def _load_datasets(path: str, container: str, split: str):
     import datasets
+    import pyarrow as pa
 
     if container == "disk":
-        ds = datasets.load_from_disk(path)
+        if _no_saved_rows(path, split):
+            return []  # read_pool: "no records"
+        try:
+            ds = datasets.load_from_disk(path)
+        except (pa.ArrowException, OSError, ValueError, IndexError) as err:
+            raise DataError(f"{path}: not a readable saved dataset ({_one_line(err)}); was it written completely? "
+                            "Save it again with save_to_disk, or check the copy") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise DataError(f"{path}: a DatasetDict without split {split!r}; it has {list(ds)} (set data.split)")
@@ -227,16 +403,20 @@ def read_pool(
     fmt = None if cfg.format == "auto" else cfg.format
     examples: list[Example] = []
     skipped: list[str] = []
-    for loc, row, record in iter_raw(cfg.path, container, cfg.split):
+    for loc, row, record in iter_raw(cfg.path, container, cfg.split, cfg.encoding):
+        if isinstance(record, _Invalid) and record.decoding:
+            if not cfg.skip_invalid:
+                raise DataError(f"{loc}: {record.why} (or use --skip-invalid to skip such records)")
+            skipped.append(f"{loc}: {record.why}")
+            continue
         try:
             if isinstance(record, _Invalid):
                 raise RecordError("<line>", "one JSON object per line", record.why)
             if fmt is None:
-                fmt = detect_format(record)
+                fmt = _detect(record, container)
             examples.append(to_example(record, fmt, src, row, cfg.field_map))
         except RecordError as err:
-            layout = f" [layout {fmt}{', detected from the first record' if cfg.format == 'auto' else ''}]" if fmt else ""
-            message = f"{loc}: {err}{layout}"
+            message = f"{loc}: {err}{_layout_note(record, container, fmt, cfg.format == 'auto')}"
             if not cfg.skip_invalid:
                 raise DataError(message + " (use --skip-invalid to skip such records)") from err
             skipped.append(message)
@@ -246,7 +426,40 @@ def read_pool(
         why = f"; {len(skipped)} record(s) skipped as invalid, first: {skipped[0]}" if skipped else ""
         raise DataError(f"{cfg.path}: no records{why}")
     renamed = make_unique_ids(examples)
-    return Pool(examples, cfg.path, container, fmt or "auto", skipped, renamed)
+    return Pool(examples, cfg.path, container, fmt or "auto", skipped, renamed, split=cfg.split,
+                encoding=cfg.encoding)
+
+
+def _present(record: Any, container: str) -> Any:
+    """The fields that hold a value: a null is absent (`detect_format`), and so is an empty CSV
+    cell, CSV's only way to leave a column out of a row."""
+    if container == "csv" and isinstance(record, Mapping):
+        return {k: v for k, v in record.items() if v != ""}
+    return record
+
+
+def _detect(record: Any, container: str) -> str:
+    try:
+        return detect_format(_present(record, container))
+    except RecordError:
+        if container != "csv":
+            raise
+        return detect_format(record)  # a row of empty cells: its layout, so that to_example names the field
+
+
+def _layout_note(record: Any, container: str, fmt: str | None, detected: bool) -> str:
+    """What a record error adds about the layout: the file's, and this record's where it differs
+    (a file of mixed layouts)."""
+    if fmt is None:
+        return ""
+    found = None
+    if fmt != "mapping" and not isinstance(record, _Invalid):
+        with contextlib.suppress(RecordError):
+            found = detect_format(_present(record, container))
+    if found is not None and found != fmt:
+        how = " (detected from the first record)" if detected else ""
+        return f" [mixed layouts: expected layout {fmt}{how}, found layout {found}]"
+    return f" [layout {fmt}{', detected from the first record' if detected else ''}]"
 
 
 def read_examples(paths: list[str], **kwargs: Any) -> Pool:

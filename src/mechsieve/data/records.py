@@ -51,6 +51,8 @@ class Pool:
     format: str  # alpaca | messages | prompt_completion | question_answer | text | mapping
     skipped: list[str] = field(default_factory=list)  # "file:line: why" of records skipped
     duplicate_ids: int = 0
+    split: str = "train"  # the split read, for hub ids and DatasetDict folders
+    encoding: str = "utf-8"  # of the text file, to read its raw records again when writing a subset
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -59,10 +61,15 @@ class Pool:
         return iter(self.examples)
 
     def fingerprint(self) -> str:
-        """Hash of the pool's content (ids, prompts, responses), independent of the file's bytes."""
+        """Hash of the pool's content (ids, sources, prompts, responses, meta), independent of the
+        file's bytes. Meta counts (multiple-choice options live there) as canonical JSON, all but
+        `meta["row"]`: where a record sat in the file is not content, and the order of examples is
+        hashed anyway (fixing a record that --skip-invalid skipped shifts later rows)."""
         h = hashlib.sha256()
         for ex in self.examples:
-            h.update(json.dumps([ex.id, ex.source, ex.prompt, ex.response], ensure_ascii=False).encode())
+            meta = {k: v for k, v in ex.meta.items() if k != "row"}
+            h.update(json.dumps([ex.id, ex.source, ex.prompt, ex.response, meta], ensure_ascii=False,
+                                sort_keys=True, default=repr).encode())
             h.update(b"\n")
         return h.hexdigest()[:16]
 
@@ -71,7 +78,8 @@ class Pool:
 
     def subset(self, ids: list[str] | set[str]) -> Pool:
         keep = set(ids)
-        return Pool([e for e in self.examples if e.id in keep], self.path, self.container, self.format)
+        return Pool([e for e in self.examples if e.id in keep], self.path, self.container, self.format,
+                    split=self.split, encoding=self.encoding)
 
 
 def fingerprint_examples(examples: list[Example]) -> str:

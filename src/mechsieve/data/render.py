@@ -183,7 +183,10 @@ def _chat_text(prompt: list[dict[str, str]], response: str, tokenizer: Any, turn
             content = messages[i]["content"]
             start = full.find(content, search_from)
             if start < 0:
-                raise ValueError(f"cannot locate assistant turn {i} in the rendered chat template")
+                raise ConfigError(f"cannot locate assistant turn {i} ({content[:40]!r}) in the rendered chat "
+                                  "template: it rewrites that turn (as templates that drop reasoning do); set "
+                                  "render.response_turns=last to learn from the final turn only, or "
+                                  "render.template=plain")
             spans.append((start, start + len(content)))
         search_from = spans[-1][1]
     prompt_end = spans[-1][0] if response else len(full)

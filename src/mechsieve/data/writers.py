@@ -1,8 +1,11 @@
 """Write a subset of a pool back in the pool's own format (same container, same raw records).
 
 The raw records are re-read from the source file and filtered by row, so fields we do not model
-(ids, tests, metadata columns) survive untouched. Pools built in memory, or mixed from several
-files, are written as chat `messages` JSONL, which every reader here (and TRL) accepts.
+(ids, tests, metadata columns) survive untouched; a Parquet subset is the original table's rows
+(`take`), so its schema and metadata are the pool's. A DatasetDict folder gives a DatasetDict with
+only the split that was read. Text is written in UTF-8 whatever the pool's encoding. Pools built
+in memory, or mixed from several files, are written as chat `messages` JSONL, which every reader
+here (and TRL) accepts.
 Every write is atomic (store.atomic): a temporary file in the same folder, then a rename.
 """
 
@@ -49,24 +52,40 @@ def write_subset(pool: Pool, ids: list[str] | set[str], out_path: str | Path) ->
     if pool.container not in (*_SUFFIX, "disk") or None in rows:
         return write_jsonl(out_path, [example_to_messages(ex) for ex in chosen])
     if pool.container == "disk":
-        import datasets
+        return _write_disk(pool, sorted(rows), out_path)
+    if pool.container == "parquet":
+        import pyarrow.parquet as pq
 
-        ds = datasets.load_from_disk(pool.path)
-        with atomic_dir(out_path) as tmp:
-            ds.select(sorted(rows)).save_to_disk(str(tmp))
+        # Rebuilding the table from Python rows would widen int32/float32, type all-null
+        # columns as null and drop the schema metadata (the `huggingface` features).
+        table = pq.read_table(pool.path).take(sorted(rows))
+        with atomic_path(out_path) as tmp:
+            pq.write_table(table, tmp)
         return out_path
-    records = [rec for _, row, rec in iter_raw(pool.path, pool.container) if row in rows]
+    records = [rec for _, row, rec in iter_raw(pool.path, pool.container, pool.split, pool.encoding)
+               if row in rows]
     if pool.container == "jsonl":
         return write_jsonl(out_path, records)
     if pool.container == "json":
         return write_text(out_path, json.dumps(records, ensure_ascii=False, indent=1))
-    if pool.container == "csv":
-        return _write_csv(out_path, records)
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    return _write_csv(out_path, records)
 
-    with atomic_path(out_path) as tmp:
-        pq.write_table(pa.Table.from_pylist(records), tmp)
+
+def _write_disk(pool: Pool, rows: list[int], out_path: Path) -> Path:
+    """The rows of a `save_to_disk` folder; from a DatasetDict, a DatasetDict holding only the split
+    that was read, so that code which opens the pool (`load_from_disk(p)[split]`) opens the subset."""
+    import datasets
+
+    ds = datasets.load_from_disk(pool.path)
+    if isinstance(ds, datasets.DatasetDict):
+        if pool.split not in ds:
+            raise ValueError(f"{pool.path}: the DatasetDict no longer has split {pool.split!r} ({list(ds)}); "
+                             "it changed since it was read")
+        ds = datasets.DatasetDict({pool.split: ds[pool.split].select(rows)})
+    else:
+        ds = ds.select(rows)
+    with atomic_dir(out_path) as tmp:
+        ds.save_to_disk(str(tmp))
     return out_path
 
 

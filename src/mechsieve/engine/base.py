@@ -89,6 +89,10 @@ class Shard:
     def stop(self) -> int:
         return self.start + len(self.examples)
 
+    @property
+    def ids(self) -> list[str]:
+        return [ex.id for ex in self.examples]
+
     def pool(self) -> Pool:
         return Pool(self.examples, f"shard-{self.index:05d}", "memory", "memory")
 
@@ -139,6 +143,18 @@ class Step(ABC):
     @abstractmethod
     def run(self, shard: Shard) -> ShardOutput:
         """Compute one shard; must not write files (the driver writes outputs atomically)."""
+
+    def check_output(self, shard: Shard, output: ShardOutput) -> None:
+        """Raise ShardError unless every array has one row per example of `shard` (the driver
+        checks before it writes a shard, and again as it reads one back: rows saved against other
+        ids would pair scores or activations with the wrong examples). Steps whose arrays are
+        per token override this."""
+        m = len(shard.examples)
+        for name, values in output.arrays.items():
+            rows = np.shape(values)[0] if np.ndim(values) else None
+            if rows != m:
+                raise ShardError(shard.index, f"{shard.describe()}: {name} has {rows} rows for its {m} examples; "
+                                 f"a bug of the {self.name} step, please report")
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -5,6 +5,11 @@ Only this module imports ray, and only when a Ray run starts (`pip install 'mech
 The driver writes every shard it receives (store: shards.ShardStore), so workers need no shared
 file system; they do need mechsieve installed and the model reachable under the same name (a
 folder on every node, or a hub id).
+
+Every actor signs in with a resource-free registry actor as it starts, and the driver kills
+them all however a run ends (finished, a failing shard, Ctrl-C): Ray Data only drops its handles
+to them, and an actor still inside a shard, or kept by its outputs' lineage, would go on holding
+its CPUs and GPUs, so the next run in a long-lived Ray session waited for them forever.
 """
 
 from __future__ import annotations
@@ -69,11 +74,43 @@ def shard_tables(shards: list[Shard]) -> list[Any]:
     return tables
 
 
+class ActorRegistry:
+    """A Ray actor (no CPUs) that holds a handle to every ShardWorker of one run, so the driver
+    can kill them all when the run ends (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.actors: list[Any] = []
+
+    def add(self, actor: Any) -> None:
+        self.actors.append(actor)
+
+    def all(self) -> list[Any]:
+        return self.actors
+
+
+def kill_actors(ray: Any, registry: Any) -> None:
+    """Kill every actor signed in with `registry`, then the registry (their CPUs and GPUs are free
+    a moment later)."""
+    try:
+        actors = ray.get(registry.all.remote(), timeout=60)
+    except Exception:  # a cluster gone already holds no actors of ours
+        actors = []
+    for actor in [*actors, registry]:
+        try:
+            ray.kill(actor)
+        except Exception:
+            pass
+
+
 class ShardWorker:
     """A Ray actor: sets the step up once (loads the model), then runs it on each shard it gets."""
 
-    def __init__(self, step: Step, threads: int) -> None:
+    def __init__(self, step: Step, threads: int, registry: Any = None) -> None:
         start = time.perf_counter()
+        if registry is not None:  # first, so that a run stopped while actors load still kills them
+            import ray
+
+            ray.get(registry.add.remote(ray.get_runtime_context().current_actor))
         import torch
 
         torch.set_num_threads(max(1, threads))
@@ -176,16 +213,19 @@ class RayExecutor(Executor):
                    disable=not progress, leave=False)
         by_index = {s.index: s for s in shards}
         size = min(self.actors, len(shards))
-        self.check_resources(ray.cluster_resources(), size)
+        registry = rows = None
         try:
+            self.check_resources(ray.cluster_resources(), size)
+            registry = ray.remote(num_cpus=0)(ActorRegistry).remote()
             ds = ray.data.from_arrow(shard_tables(shards))
-            out = ds.map_batches(ShardWorker, fn_constructor_args=(step, int(self.cpus_per_actor)),
+            out = ds.map_batches(ShardWorker, fn_constructor_args=(step, int(self.cpus_per_actor), registry),
                                  batch_size=None, batch_format="numpy",
                                  compute=ray.data.ActorPoolStrategy(size=size),
                                  num_cpus=self.cpus_per_actor, num_gpus=self.gpus_per_actor or None)
             start = time.perf_counter()
             busy: dict[int, list[float]] = {}  # per actor: [set-up (imports, model load), shard compute]
-            for row in out.iter_rows():
+            rows = iter(out.iter_rows())
+            for row in rows:
                 k = int(row["shard"])
                 seconds = busy.setdefault(int(row["actor"]), [0.0, 0.0])
                 seconds[0] += float(row["setup"])
@@ -206,6 +246,10 @@ class RayExecutor(Executor):
             raise EngineError(f"the Ray run stopped: {type(err).__name__}: {text.strip().splitlines()[-1] if text.strip() else ''}"
                               ) from err
         finally:
+            if hasattr(rows, "close"):
+                rows.close()  # stops the dataset's execution, which would schedule more shards
+            if registry is not None:
+                kill_actors(ray, registry)
             bar.close()
             data_log.setLevel(level)
             if started:

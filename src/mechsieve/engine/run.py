@@ -40,14 +40,28 @@ def make_executor(cfg: EngineConfig) -> Executor:
     return LocalExecutor()
 
 
+def shard_key(shards: list[Shard], engine: EngineConfig) -> dict[str, Any]:
+    """The shard plan's part of a shard folder's settings (beside the pool's fingerprint, which
+    hashes its ids in order): a rerun under another shard size is refused, even one that gives as
+    many shards, whose shards would cover other examples."""
+    return {"shard_size": engine.effective_shard_size(), "shards": len(shards)}
+
+
 def run_step(step: Step, shards: list[Shard], store: ShardStore, executor: Executor, progress: bool = True
              ) -> dict[str, Any]:
-    """Run `step` on the shards `store` has no marker for; return a report of the run."""
-    done = store.done()
+    """Run `step` on the shards `store` has no marker for (or a marker naming other ids than the
+    plan's); return a report of the run. A shard's rows are checked against its ids before it is
+    written."""
+    done = store.done(shards)
     todo = [s for s in shards if s.index not in done]
+
+    def save(shard: Shard, output: ShardOutput, seconds: float) -> None:
+        step.check_output(shard, output)
+        store.write(shard.index, output, seconds, ids=shard.ids)
+
     start = time.perf_counter()
-    executor.execute(step, todo, lambda shard, out, seconds: store.write(shard.index, out, seconds), progress)
-    missing = sorted({s.index for s in shards} - store.done())
+    executor.execute(step, todo, save, progress)
+    missing = sorted({s.index for s in shards} - store.done(shards))
     if missing:
         raise EngineError(f"shards {missing[:10]} produced no output; rerun to resume")
     return {**executor.describe(), "shards": len(shards), "shard_size": len(shards[0].examples) if shards else 0,
@@ -55,8 +69,29 @@ def run_step(step: Step, shards: list[Shard], store: ShardStore, executor: Execu
             **{k: round(v, 3) for k, v in getattr(executor, "timings", {}).items()}}
 
 
-def read_outputs(store: ShardStore, shards: list[Shard]) -> list[ShardOutput]:
-    return [store.read(s.index) for s in shards]
+def read_outputs(store: ShardStore, shards: list[Shard], step: Step) -> list[ShardOutput]:
+    """The shards' outputs in plan order, each checked against the ids and rows of its shard."""
+    outputs = []
+    for s in shards:
+        output = store.read(s.index, s.ids)
+        step.check_output(s, output)
+        outputs.append(output)
+    return outputs
+
+
+def check_rows(what: str, arrays: dict[str, Any], shards: list[Shard], examples: list[Any]) -> None:
+    """Refuse a combined result whose shards do not cover `examples`' ids in order, or an array
+    without one row per example (checked before anything is saved)."""
+    ids = [ex.id for ex in examples]
+    covered = [i for s in shards for i in s.ids]
+    if covered != ids:
+        at = next((k for k, (a, b) in enumerate(zip(covered, ids)) if a != b), min(len(covered), len(ids)))
+        raise EngineError(f"{what}: the shards cover {len(covered)} ids, the pool has {len(ids)}, first difference "
+                          f"at position {at}; an engine bug, please report")
+    for name, values in arrays.items():
+        if values is not None and len(values) != len(ids):
+            raise EngineError(f"{what}: {name} has {len(values)} rows for the pool's {len(ids)} ids; rerun with "
+                              "engine.overwrite=true / --overwrite-shards")
 
 
 def _loaded_model(model: Any) -> Any:
@@ -99,7 +134,7 @@ def score_pool(scorer: Any, pool: Any, *, target: Any = None, model: Any = None,
     shards = plan_shards(pool.examples, engine.effective_shard_size())
     executor = make_executor(engine)
     step = ScoreStep(scorer, {}, model)
-    settings = {**step.settings(), "seed": seed, "pool": pool.fingerprint(), "shards": len(shards),
+    settings = {**step.settings(), "seed": seed, "pool": pool.fingerprint(), **shard_key(shards, engine),
                 "target": target.fingerprint() if target is not None else None}
     store = ShardStore(folder, settings, overwrite=engine.overwrite)
     state = store.load_state()
@@ -114,7 +149,10 @@ def score_pool(scorer: Any, pool: Any, *, target: Any = None, model: Any = None,
     step.state = state
     report = run_step(step, shards, store, executor, progress)
     report["prepare_seconds"] = round(t_prepare, 3)
-    result = scorer.combine([decode_result(out) for out in read_outputs(store, shards)], state)
+    result = scorer.combine([decode_result(out) for out in read_outputs(store, shards, step)], state)
+    check_rows(f"{scorer.name} scores", {"scores": result.scores, "per_target": result.per_target,
+                                         **{f"arrays.{k}": v for k, v in result.arrays.items()}},
+               shards, pool.examples)
     if not engine.keep_shards:
         store.remove()
     return result, report
@@ -182,12 +220,13 @@ def capture_sharded(model: Any, pool: Any, cfg: Any, render_cfg: Any, out_dir: s
     shards = plan_shards(pool.examples, engine.effective_shard_size())
     executor = make_executor(engine)
     store = ShardStore(Path(out_dir) / "shards",
-                       {**step.settings(), "pool": pool.fingerprint(), "shards": len(shards)}, engine.overwrite)
+                       {**step.settings(), "pool": pool.fingerprint(), **shard_key(shards, engine)}, engine.overwrite)
     report = run_step(step, shards, store, executor, progress)
-    outputs = read_outputs(store, shards)
+    outputs = read_outputs(store, shards, step)
     names = list(cfg.reductions)
     arrays = {name: np.concatenate([o.arrays[name] for o in outputs]) for name in names}
     n_resp = np.concatenate([o.arrays["n_response_tokens"] for o in outputs])
+    check_rows("capture", {**arrays, "n_response_tokens": n_resp}, shards, pool.examples)
     stats = ForwardStats()
     rstats = RenderStats()
     for o in outputs:
@@ -218,10 +257,12 @@ def token_scores_sharded(model: Any, examples: list[Any], xtf_cfg: Any, words: l
     executor = make_executor(engine)
     step = TokenScoreStep(xtf_cfg, words, render_cfg, model)
     pool = Pool(list(examples), "", "memory", "memory")
-    store = ShardStore(folder, {**step.settings(), "pool": pool.fingerprint(), "shards": len(shards)},
+    store = ShardStore(folder, {**step.settings(), "pool": pool.fingerprint(), **shard_key(shards, engine)},
                        engine.overwrite)
     report = run_step(step, shards, store, executor, progress)
-    scores = decode_token_scores(read_outputs(store, shards))
+    scores = decode_token_scores(read_outputs(store, shards, step))
+    check_rows("token scores", {"eligible": scores.eligible, **{f"score.{k}": v for k, v in scores.scores.items()}},
+               shards, examples)
     scores.info["engine"] = report
     if not engine.keep_shards:
         store.remove()

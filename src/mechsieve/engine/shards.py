@@ -5,10 +5,12 @@
 <folder>/state.safetensors + .json    what `prepare` computed on the driver (reused on resume)
 <folder>/shard-00003.safetensors      shard 3's arrays      (written atomically, first)
 <folder>/shard-00003.json             shard 3's JSON meta   (written atomically, second)
-<folder>/shard-00003.done             the completion marker (written last)
+<folder>/shard-00003.done             the completion marker (written last): rows, the ids it covers
 ```
 A shard counts as finished only when its marker exists, so a run killed mid-write leaves at most
-a data file without a marker, which the next run overwrites.
+a data file without a marker, which the next run overwrites. The run's settings hold the shard
+size, and a marker the ids its shard covers: a shard of other examples than the plan's (another
+shard size giving as many shards) is never reused.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from mechsieve.engine.base import ShardOutput
+from mechsieve.engine.base import EngineError, Shard, ShardOutput
 from mechsieve.store.artefacts import SettingsMismatch, diff_settings
 from mechsieve.store.atomic import atomic_path, write_json
 
@@ -79,28 +81,48 @@ class ShardStore:
             differences = diff_settings(found, self.settings)
             if differences:
                 raise SettingsMismatch(self.folder, differences + [
-                    "(shards of an interrupted run; set engine.overwrite=true / --overwrite to discard them)"])
+                    "(shards of an interrupted run; set engine.overwrite=true / --overwrite-shards to discard "
+                    "them)"])
         else:
             write_json(run_file, {"settings": self.settings})
 
     def path(self, k: int, suffix: str) -> Path:
         return self.folder / f"shard-{k:05d}{suffix}"
 
-    def done(self) -> set[int]:
-        """Indices of the shards whose marker exists."""
-        return {int(p.stem.split("-")[1]) for p in self.folder.glob("shard-*.done")}
+    def done(self, shards: list[Shard] | None = None) -> set[int]:
+        """Indices of the shards whose marker exists; given the plan's `shards`, only those whose
+        marker names the ids of the plan's shard (any other is computed again)."""
+        found = {int(p.stem.split("-")[1]) for p in self.folder.glob("shard-*.done")}
+        if shards is None:
+            return found
+        return {s.index for s in shards if s.index in found and self.marker(s.index).get("ids") == s.ids}
 
-    def write(self, k: int, output: ShardOutput, seconds: float = 0.0) -> None:
-        """Shard `k`'s arrays, then its meta, then its marker; each file atomically."""
+    def marker(self, k: int) -> dict[str, Any]:
+        return json.loads(self.path(k, ".done").read_text())
+
+    def write(self, k: int, output: ShardOutput, seconds: float = 0.0, ids: list[str] | None = None) -> None:
+        """Shard `k`'s arrays, then its meta, then its marker (with the `ids` it covers); each file
+        atomically."""
         _save_arrays(self.path(k, ".safetensors"), output.arrays)
         write_json(self.path(k, ".json"), to_json(output.meta))
         n = len(next(iter(output.arrays.values()))) if output.arrays else 0
         write_json(self.path(k, ".done"), {"shard": k, "rows": n, "seconds": round(seconds, 4),
-                                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                           **({"ids": list(ids)} if ids is not None else {})})
 
-    def read(self, k: int) -> ShardOutput:
+    def read(self, k: int, ids: list[str] | None = None) -> ShardOutput:
+        """Shard `k`'s output; given the `ids` of the plan's shard `k`, refuse a shard of others."""
         if not self.path(k, ".done").exists():
             raise FileNotFoundError(f"{self.path(k, '.done')}: shard {k} is not finished")
+        if ids is not None:
+            found = self.marker(k).get("ids")
+            if found != list(ids):
+                def span(names: list[str] | None) -> str:
+                    return f"{names[0]!r}..{names[-1]!r} ({len(names)})" if names else repr(names)
+
+                raise EngineError(f"{self.path(k, '.done')}: shard {k} holds ids {span(found)}, but the plan's "
+                                  f"shard {k} has {span(list(ids))}; set engine.overwrite=true / --overwrite-shards "
+                                  "to compute the shards again")
         meta = json.loads(self.path(k, ".json").read_text())
         return ShardOutput(_load_arrays(self.path(k, ".safetensors")), meta)
 

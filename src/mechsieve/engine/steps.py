@@ -188,6 +188,20 @@ class TokenScoreStep(ModelStep):
         scores = self._masker.score(loaded.model, loaded.tokenizer, rendered, progress=False)
         return encode_token_scores(scores)
 
+    def check_output(self, shard: Shard, output: ShardOutput) -> None:
+        """`lengths` has a row per example, every other array a row per token (their sum)."""
+        m = len(shard.examples)
+        lengths = output.arrays.get("lengths")
+        if lengths is None or np.shape(lengths) != (m,):
+            raise ShardError(shard.index, f"{shard.describe()}: lengths has shape {np.shape(lengths)} for its "
+                             f"{m} examples; a bug of the {self.name} step, please report")
+        tokens = int(np.sum(lengths))
+        for name, values in output.arrays.items():
+            rows = np.shape(values)[0] if np.ndim(values) else None
+            if name != "lengths" and rows != tokens:
+                raise ShardError(shard.index, f"{shard.describe()}: {name} has {rows} rows for its {tokens} "
+                                 f"tokens; a bug of the {self.name} step, please report")
+
 
 def encode_token_scores(scores: Any) -> ShardOutput:
     lengths = np.array([len(e) for e in scores.eligible], dtype=np.int64)

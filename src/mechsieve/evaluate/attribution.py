@@ -17,14 +17,22 @@ from typing import Any
 
 import numpy as np
 
+from mechsieve.config import ConfigError
+from mechsieve.data.readers import DataError
 
-def _check(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+
+def _check(scores: np.ndarray, labels: np.ndarray, method: str = "") -> tuple[np.ndarray, np.ndarray]:
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels).astype(bool)
     if scores.shape != labels.shape or scores.ndim != 1:
-        raise ValueError(f"scores {scores.shape} and labels {labels.shape} must be the same 1-d shape")
-    if np.isnan(scores).any():
-        raise ValueError("scores contain NaN; a scorer failed on some examples")
+        raise DataError(f"{scores.size} scores for {labels.size} labels: scores {scores.shape} and labels "
+                        f"{labels.shape} must be the same 1-d shape, one of each per example")
+    bad = np.flatnonzero(np.isnan(scores))
+    if bad.size:
+        raise DataError(f"{method or 'the scorer'} gave NaN scores to {bad.size} of {scores.size} examples "
+                        f"(first at position {int(bad[0])}); no ranking metric is defined on them. Likely "
+                        "causes: examples left without response tokens (raise max_len), or a concept / "
+                        "gradient that is zero or overflowed (check the model's dtype)")
     return scores, labels
 
 
@@ -63,7 +71,7 @@ def precision_at_k(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
     """Share of positives among the k highest-scored examples."""
     scores, labels = _check(scores, labels)
     if not 1 <= k <= len(scores):
-        raise ValueError(f"k={k} must be in 1..{len(scores)}")
+        raise ConfigError(f"precision@k: k={k} must be in 1..{len(scores)} (the number of examples)")
     return float(labels[ranking(scores)[:k]].mean())
 
 
@@ -74,10 +82,18 @@ def recall_curve(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.cumsum(labels[ranking(scores)]) / n_pos
 
 
-def attribution_metrics(scores: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (10, 40)
-                        ) -> dict[str, Any]:
-    """AUC-PR, precision@k for each k (that fits), the base rate, and recall at those k."""
-    scores, labels = _check(scores, labels)
+def attribution_metrics(scores: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (10, 40),
+                        method: str = "") -> dict[str, Any]:
+    """AUC-PR, precision@k for each k (that fits), the base rate, and recall at those k.
+
+    DataError (a user's error, not NaN metrics) for NaN scores, naming `method`, and for labels
+    without a single positive, under which AUC-PR and recall are undefined.
+    """
+    scores, labels = _check(scores, labels, method)
+    if not labels.any():
+        raise DataError(f"none of the {len(labels)} examples is labelled positive, so AUC-PR and recall are "
+                        "undefined; check that label_field (--label-field) names the record field that is "
+                        "true for the known behaviour carriers")
     curve = recall_curve(scores, labels)
     out: dict[str, Any] = {"auc_pr": average_precision(scores, labels),
                            "base_rate": float(labels.mean()), "n": int(len(labels)),
@@ -126,7 +142,7 @@ def removal_experiment(
     ids = list(ids)
     scores = np.asarray(scores, dtype=np.float64)
     if len(ids) != len(scores):
-        raise ValueError(f"{len(ids)} ids but {len(scores)} scores")
+        raise DataError(f"{len(ids)} ids but {len(scores)} scores; one score per example")
     order = ranking(scores)
     rng = np.random.default_rng(seed)
     result = RemovalResult(list(fractions), [], [])
@@ -134,7 +150,7 @@ def removal_experiment(
         result.baseline = float(measure(retrain(ids)))
     for f in fractions:
         if not 0.0 < f < 1.0:
-            raise ValueError(f"removal fraction {f} must be in (0, 1)")
+            raise ConfigError(f"removal fraction {f} must be in (0, 1)")
         k = int(round(f * len(ids)))
         drop = set(order[:k].tolist())
         result.top.append(float(measure(retrain([i for j, i in enumerate(ids) if j not in drop]))))

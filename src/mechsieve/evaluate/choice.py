@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from mechsieve.data.readers import DataError
 from mechsieve.data.records import Example
 from mechsieve.data.render import RenderConfig
 from mechsieve.evaluate.loss import label_logprobs
@@ -43,9 +44,10 @@ class Choice:
 
 
 def parse_choice(ex: Example) -> Choice:
-    """Options and gold answer of an example in either layout (see module docstring)."""
+    """Options and gold answer of an example in either layout (see module docstring); DataError
+    naming the example when it has no question, no options, or an answer that is none of them."""
     if not ex.prompt:
-        raise ValueError(f"example {ex.id}: no prompt; multiple choice needs a question")
+        raise DataError(f"example {ex.id}: no prompt; multiple choice needs a question")
     question = ex.prompt[-1]["content"]
     opts = ex.meta.get("options")
     if isinstance(opts, dict) and opts:
@@ -64,8 +66,9 @@ def parse_choice(ex: Example) -> Choice:
                 break
             found.append((m.group(1), m.group(2)))
         if len(found) < 2:
-            raise ValueError(f"example {ex.id}: no options found (neither meta.options nor trailing "
-                             "'A. text' lines in the question)")
+            raise DataError(f"example {ex.id}: no options found (neither meta.options nor trailing "
+                            "'A. text' lines in the question); multiple_choice needs a record field `options` "
+                            "{\"A\": text, ...}, or options listed at the end of the question")
         found.reverse()
         letters, options = [f[0] for f in found], [f[1] for f in found]
         prompt = list(ex.prompt)
@@ -77,7 +80,8 @@ def parse_choice(ex: Example) -> Choice:
         else:
             by_text = [k for k, v in zip(letters, options) if v.strip() == ex.response.strip()]
             if not by_text:
-                raise ValueError(f"example {ex.id}: answer {ex.response[:60]!r} matches no option letter or text")
+                raise DataError(f"example {ex.id}: answer {ex.response[:60]!r} matches no option letter or text "
+                                f"(options {letters}); give the gold letter in `answer_idx` or as the answer")
             gold = by_text[0]
     return Choice(prompt, letters, options, gold)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mechsieve.config import ConfigError, check_choice, check_positive
-from mechsieve.data.readers import DataConfig, read_pool
+from mechsieve.data.readers import DataConfig, DataError, read_pool
 from mechsieve.data.render import RenderConfig
 from mechsieve.models.loading import LoadedModel
 
@@ -78,7 +78,10 @@ def evaluate_task(loaded: LoadedModel, task: TaskConfig, render_cfg: RenderConfi
     if task.task == "loss":
         metrics = heldout_loss(model, tok, examples, render_cfg, task.max_tokens, progress)
     elif task.task == "multiple_choice":
-        res = choice_accuracy(model, tok, examples, render_cfg, task.choice_target, task.max_tokens, progress)
+        try:
+            res = choice_accuracy(model, tok, examples, render_cfg, task.choice_target, task.max_tokens, progress)
+        except DataError as err:
+            raise DataError(f"{pool.path}: {err}") from err
         metrics = {k: res[k] for k in ("accuracy", "accuracy_norm", "chance", "examples")}
         outputs = {"predictions": res["predictions"], "gold": res["gold"], "scores": res["scores"]}
     else:

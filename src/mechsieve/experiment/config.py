@@ -63,3 +63,25 @@ class ExperimentConfig:
         names = [t.label() for t in self.eval]
         if len(set(names)) != len(names):
             raise ConfigError(f"eval tasks share a name ({names}); set eval[i].name to tell them apart")
+        self._check_methods()
+
+    def _check_methods(self) -> None:
+        """Method names, their settings and the budget, checked before any data is read: a typo
+        names the method it was meant for."""
+        from mechsieve.config import check_settings, did_you_mean, from_dict
+        from mechsieve.scorers.registry import RegistryError, available, get_scorer_class
+        from mechsieve.select.budget import SelectionError, parse_budget
+
+        try:
+            parse_budget(self.budget)
+        except SelectionError as err:
+            raise ConfigError(str(err)) from None
+        for method in dict.fromkeys([*self.methods, *self.method_settings]):
+            key = "methods" if method in self.methods else f"method_settings.{method}"
+            try:
+                cls = get_scorer_class(method)
+            except RegistryError as err:
+                raise ConfigError(f"{key}: {err}{did_you_mean(method, available())}") from None
+            settings = self.method_settings.get(method) or {}
+            check_settings(cls.config_cls, settings, f"method_settings.{method}.", method)
+            from_dict(cls.config_cls, settings, prefix=f"method_settings.{method}.")

@@ -2,7 +2,8 @@
 
 Every step is a cache entry of `mechsieve.store.Cache`, keyed by (model identity, data
 fingerprint, settings): a selection by the pool and the method's settings, a training run by the
-selected ids and the training settings, an evaluation by the training entry and the task. A
+selected ids and the training settings, an evaluation by the training entry, the task and the
+fingerprint of the task's data (so an edited evaluation file is evaluated again). A
 rerun loads finished entries instead of recomputing them; two methods that select the same ids
 share one training run.
 """
@@ -92,6 +93,8 @@ class _Run:
     hits: dict[str, int] = field(default_factory=lambda: {"selection": 0, "train": 0, "eval": 0})
     task_fps: dict[str, str] = field(default_factory=dict)
     """Fingerprint of each evaluation set, by task label."""
+    data_fps: dict[str, str] = field(default_factory=dict)
+    """Fingerprint of each task's data as read now (part of its evaluation cache key), by label."""
 
     def __post_init__(self) -> None:
         self.render = to_dict(self.cfg.render)
@@ -119,10 +122,15 @@ class _Trained(NamedTuple):
 def run_experiment(cfg: ExperimentConfig, progress: bool = True, log: Callable[[str], None] = print
                    ) -> ExperimentResult:
     """Run (or resume) the whole experiment; writes results.json / .csv / .png under cfg.out."""
+    from mechsieve.store.outputs import OutputFolder
+
+    # a rerun resumes from the cache in its own folder; a folder of other files is refused
+    folder = OutputFolder(cfg.out, "experiment", resumes=True, flag="out")
     pool = read_pool(cfg.pool)
     target = read_pool(cfg.target) if cfg.target.path else None
     base = load_model(cfg.model)
     items = items_from_examples(pool.examples, base.tokenizer, cfg.render)
+    folder.claim([*([] if cfg.cache else ["cache"]), "results.json", "results.csv", "table.txt", "results.png"])
     run = _Run(cfg, Cache(cfg.cache or Path(cfg.out) / "cache"), pool, target, items, base, progress, log)
     steps, steps_from = equal_steps(cfg, [len(it) for it in items])
     log(f"pool: {len(pool)} examples from {pool.path}; budget {cfg.budget}; seeds {cfg.seeds}; "
@@ -137,6 +145,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, log: Callable[[
                      "pool": {"path": pool.path, "examples": len(pool), "fingerprint": run.pool_fp},
                      "eval_data": run.task_fps, "model": run.identity}
     outputs = write_results(cfg, rows, summary_extra)
+    folder.finish()
     return ExperimentResult(rows, steps, steps_from, run.hits, outputs)
 
 
@@ -224,7 +233,8 @@ def _evaluate_all(run: _Run, train_key: str, model_of: Callable[[], LoadedModel]
     loaded = None
     for task in run.cfg.eval:
         entry = run.cache.entry("eval", run.identity, train_key,
-                                {"task": to_dict(task), "render": run.render}, name="metrics")
+                                {"task": to_dict(task), "render": run.render, "data": _data_fingerprint(run, task)},
+                                name="metrics")
         if entry.exists():
             _, meta = entry.load()
             result = meta["result"]
@@ -240,6 +250,14 @@ def _evaluate_all(run: _Run, train_key: str, model_of: Callable[[], LoadedModel]
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 metrics[f"{task.label()}/{key}"] = float(value)
     return metrics, seconds
+
+
+def _data_fingerprint(run: _Run, task: Any) -> str:
+    """The fingerprint of the task's data, read once per experiment."""
+    label = task.label()
+    if label not in run.data_fps:
+        run.data_fps[label] = read_pool(task.data).fingerprint()
+    return run.data_fps[label]
 
 
 def _fresh_model(run: _Run) -> LoadedModel:

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from mechsieve.data.readers import DataError
+
 ARTEFACT = "nait_directions"
 
 
@@ -27,7 +29,8 @@ def first_component(drifts: np.ndarray) -> tuple[np.ndarray, float]:
     """
     x = np.asarray(drifts, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < 2:
-        raise ValueError(f"a principal direction needs at least 2 target examples, got {x.shape[0]}")
+        raise DataError(f"a principal direction needs at least 2 target examples, got {x.shape[0]}; give a "
+                        "larger target set (--target)")
     centred = x - x.mean(axis=0, keepdims=True)
     _, sing, vt = np.linalg.svd(centred, full_matrices=False)
     v = vt[0]

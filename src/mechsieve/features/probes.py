@@ -20,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 
 from mechsieve.config import ConfigError, check_choice, to_dict
+from mechsieve.data.readers import DataError
 
 METHODS = ("diff_means", "logreg", "sae")
 
@@ -71,7 +72,8 @@ class Concept:
     def unit(self) -> np.ndarray:
         norm = float(np.linalg.norm(self.direction))
         if norm == 0.0:
-            raise ValueError("the concept direction is zero: positives and negatives have equal means")
+            raise DataError("the concept direction is zero: positives and negatives have equal means; give "
+                            "positive and negative files that differ in the behaviour (or another concept.layer)")
         return (self.direction / norm).astype(np.float32)
 
     def score(self, acts: np.ndarray) -> np.ndarray:
@@ -82,7 +84,8 @@ class Concept:
 def diff_of_means(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
     """mean(pos) - mean(neg) for `pos: [n, d]`, `neg: [m, d]` -> [d]."""
     if len(pos) == 0 or len(neg) == 0:
-        raise ValueError(f"a concept needs examples on both sides; got {len(pos)} positive, {len(neg)} negative")
+        raise DataError(f"a concept needs examples on both sides; got {len(pos)} positive, {len(neg)} negative "
+                        "(examples whose response was cut away by max_len are dropped: raise max_len)")
     return (pos.astype(np.float64).mean(0) - neg.astype(np.float64).mean(0)).astype(np.float32)
 
 
@@ -104,7 +107,8 @@ def logreg_direction(pos: np.ndarray, neg: np.ndarray, c: float = 1.0, seed: int
 def sae_direction(decoder: np.ndarray, feature: int) -> np.ndarray:
     """Row `feature` of an SAE decoder `[n_latents, d]` -> [d]."""
     if not 0 <= feature < decoder.shape[0]:
-        raise ValueError(f"sae_feature={feature} is out of range: the decoder has {decoder.shape[0]} latents")
+        raise ConfigError(f"concept.sae_feature={feature} is out of range: the decoder has {decoder.shape[0]} "
+                          f"latents (0..{decoder.shape[0] - 1})")
     return decoder[feature].astype(np.float32)
 
 
@@ -159,7 +163,8 @@ def load_decoder(path: str) -> np.ndarray:
             dec = tensors[key]
             # nn.Linear decoders store [d, n_latents]
             return dec.T if key == "decoder.weight" else dec
-    raise ValueError(f"{path}: no decoder matrix (looked for W_dec, decoder.weight, W_d); keys: {sorted(tensors)}")
+    raise ConfigError(f"concept.sae_decoder={path}: no decoder matrix (looked for W_dec, decoder.weight, W_d); "
+                      f"keys: {sorted(tensors)}")
 
 
 def save_concept(folder: str | Path, concept: Concept) -> Path:
@@ -172,10 +177,43 @@ def save_concept(folder: str | Path, concept: Concept) -> Path:
                                 "counts": concept.counts})
 
 
-def load_concept(folder: str | Path, expected: dict[str, Any] | None = None) -> Concept:
-    """Read a saved concept; with `expected` settings, refuse one made otherwise (SettingsMismatch)."""
+def load_concept(folder: str | Path, expected: dict[str, Any] | None = None,
+                 model: dict[str, Any] | None = None) -> Concept:
+    """Read a saved concept; with `expected` settings, refuse one made otherwise (SettingsMismatch);
+    with `model` (a LoadedModel identity), refuse one fitted for another model (ConfigError)."""
     from mechsieve.store.artefacts import load_artefact
 
     tensors, meta = load_artefact(folder, "concept", expected=expected)
-    return Concept(tensors["direction"], int(meta["layer"]), meta.get("settings", {}),
+    settings = meta.get("settings", {})
+    fitted_for = settings.get("model") if isinstance(settings, dict) else None
+    if model is not None and fitted_for is not None and not same_model(fitted_for, model):
+        raise ConfigError(f"{folder}: this concept was fitted for model {describe_model(fitted_for)}, not for "
+                          f"{describe_model(model)}; a direction only means something in the model it was read "
+                          "from: pass that --model, or fit the concept for this one (--concept POS NEG)")
+    return Concept(tensors["direction"], int(meta["layer"]), settings,
                    meta.get("separation"), meta.get("counts", {}), str(folder))
+
+
+# Where a model lives and the dtype it was loaded in do not change what its directions mean.
+_PLACE_KEYS = ("path", "dtype")
+
+
+def same_model(a: Any, b: Any) -> bool:
+    """Whether two model identities name the same weights: the content hash where both have one,
+    else every key but the place it was loaded from and its dtype."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return a == b
+    if a.get("hash") and b.get("hash"):
+        return a["hash"] == b["hash"]
+    return ({k: v for k, v in a.items() if k not in _PLACE_KEYS}
+            == {k: v for k, v in b.items() if k not in _PLACE_KEYS})
+
+
+def describe_model(identity: Any) -> str:
+    """A model identity in a few words: hub id@revision, alias or folder, with its content hash."""
+    if not isinstance(identity, dict):
+        return repr(identity)
+    name = identity.get("id") or identity.get("name") or identity.get("path") or "?"
+    if identity.get("revision"):
+        name = f"{name}@{identity['revision']}"
+    return f"{name} (hash {identity['hash']})" if identity.get("hash") else str(name)

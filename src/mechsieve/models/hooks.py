@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from mechsieve.config import ConfigError
+
 # model_type -> (path of the block list, MLP down projection in a block, attention in a block)
 ARCHITECTURES: dict[str, tuple[str, str, str]] = {
     "llama": ("model.layers", "mlp.down_proj", "self_attn"),
@@ -81,10 +83,11 @@ class HookPoints:
         for layer in layers:
             idx = layer + n if layer < 0 else layer
             if not 0 <= idx < n:
-                raise ValueError(f"layer {layer} is out of range: this model has {n} blocks (0..{n - 1})")
+                raise ConfigError(f"layer {layer} is out of range: this model has {n} blocks (0..{n - 1}, or "
+                                  f"-1..-{n} from the end); change the layer setting (--layers / --layer)")
             out.add(idx)
         if not out:
-            raise ValueError("no layers chosen; give 'all' or a list like [0, 5, -1]")
+            raise ConfigError("no layers chosen; give 'all' or a list like [0, 5, -1]")
         return sorted(out)
 
 
@@ -93,7 +96,7 @@ def hook_points(model: Any) -> HookPoints:
     base = unwrap(model)
     model_type = getattr(base.config, "model_type", "")
     if model_type not in ARCHITECTURES:
-        raise ValueError(f"architecture {model_type!r} has no hook points here; supported: "
+        raise ConfigError(f"architecture {model_type!r} has no hook points here; supported: "
                          f"{sorted(ARCHITECTURES)} (add a row to mechsieve.models.hooks.ARCHITECTURES)")
     blocks_path, mlp_path, attn_path = ARCHITECTURES[model_type]
     return HookPoints(model_type, _get(base, blocks_path), mlp_path, attn_path)

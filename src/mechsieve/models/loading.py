@@ -78,11 +78,13 @@ def cache_root() -> Path:
 def resolve_device(device: str) -> str:
     import torch
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"model.device={device!r}, but no CUDA device is visible; use cpu or auto")
-    return device
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        # Under torchrun / accelerate launch each process takes its own GPU, not all of them cuda:0.
+        rank = os.environ.get("LOCAL_RANK")
+        return f"cuda:{int(rank)}" if rank and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else "cuda"
+    return "cpu" if device == "auto" else device
 
 
 def resolve_dtype(dtype: str, device: str):
@@ -124,9 +126,11 @@ def load_model(cfg: ModelConfig | str | None = None, **overrides: Any) -> Loaded
     return LoadedModel(model, tokenizer, identity, cfg)
 
 
-def load_tokenizer(cfg: ModelConfig) -> Any:
-    """Only the tokenizer of `cfg`, as `load_model` gives it (a Ray run's driver renders and writes
-    without the model)."""
+def load_tokenizer(cfg: ModelConfig | str | None = None) -> Any:
+    """Only the tokenizer of `cfg` (a ModelConfig or a name), as `load_model` gives it (a Ray run's
+    driver renders and writes without the model)."""
+    if cfg is None or isinstance(cfg, str):
+        cfg = ModelConfig(name=cfg or DEFAULT_MODEL)
     folder, identity = resolve_model_path(cfg)
     return _tokenizer(folder, identity, cfg)
 

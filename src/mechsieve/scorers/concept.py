@@ -110,7 +110,14 @@ def resolve_concept(loaded: Any, src: ConceptSource, progress: bool = True) -> C
     from mechsieve.features.probes import load_concept
 
     if src.concept_dir:
-        return load_concept(src.concept_dir)
+        concept = load_concept(src.concept_dir, model=getattr(loaded, "identity", None))
+        if loaded is not None:
+            width = int(loaded.model.get_input_embeddings().weight.shape[1])
+            if concept.direction.shape != (width,):
+                raise ConfigError(f"{src.concept_dir}: a concept direction of width {concept.direction.shape[-1]} "
+                                  f"for a model of width {width}; it was made for another model: pass that "
+                                  "--model, or fit the concept for this one (--concept POS NEG)")
+        return concept
     if not (src.positive and src.negative):
         raise ScorerError("a concept is needed: set concept_dir (a saved concept) or both positive and "
                           "negative data files (CLI: --concept POS NEG)")

@@ -106,7 +106,7 @@ def selection_from_result(method: str, scorer: Any, result: Any, pool: Pool, bud
 
 def write_selection(pool: Pool, sel: Selection, out_dir: str | Path, extra: dict[str, Any] | None = None
                     ) -> dict[str, Path]:
-    """Write the subset (pool's own format), `scores.parquet` and `summary.json` under `out_dir`."""
+    """Write `scores.parquet`, then the subset (pool's own format) and `summary.json` under `out_dir`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -115,7 +115,6 @@ def write_selection(pool: Pool, sel: Selection, out_dir: str | Path, extra: dict
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    subset = write_subset(pool, sel.ids, out / subset_filename(pool))
     table = pa.table({
         "id": [ex.id for ex in pool.examples],
         "source": [ex.source for ex in pool.examples],
@@ -123,8 +122,14 @@ def write_selection(pool: Pool, sel: Selection, out_dir: str | Path, extra: dict
         "rank": pa.array(sel.ranks, pa.int64()),
         "selected": pa.array(sel.selected, pa.bool_()),
     })
+    # The scores first: they may have taken hours, and a subset that fails to write must not lose them.
     with atomic_path(out / "scores.parquet") as tmp:
         pq.write_table(table, tmp)
+    try:
+        subset = write_subset(pool, sel.ids, out / subset_filename(pool))
+    except Exception as err:
+        err.add_note(f"the scores are kept in {out / 'scores.parquet'} (columns id, score, rank, selected)")
+        raise
     summary = {
         "settings": sel.settings,
         "timings": sel.timings,

@@ -3,6 +3,8 @@
 from mechsieve.store.artefacts import (
     ChunkedWriter,
     SettingsMismatch,
+    TornArtefact,
+    artefact_exists,
     diff_settings,
     load_artefact,
     save_artefact,
@@ -10,5 +12,5 @@ from mechsieve.store.artefacts import (
 from mechsieve.store.atomic import atomic_dir, atomic_path, write_json, write_text
 from mechsieve.store.cache import Cache, CacheEntry
 
-__all__ = ["Cache", "CacheEntry", "ChunkedWriter", "SettingsMismatch", "atomic_dir", "atomic_path",
-           "diff_settings", "load_artefact", "save_artefact", "write_json", "write_text"]
+__all__ = ["Cache", "CacheEntry", "ChunkedWriter", "SettingsMismatch", "TornArtefact", "artefact_exists",
+           "atomic_dir", "atomic_path", "diff_settings", "load_artefact", "save_artefact", "write_json", "write_text"]

@@ -1,12 +1,17 @@
 """Artefacts: tensors as safetensors with a JSON of the settings that made them, side by side.
 
 A loader given the settings it expects refuses an artefact made under other settings and names
-each differing setting. Chunked writers let a long computation resume: chunk files appear
+each differing setting. The two files are written one after the other, so a crash between them
+could leave new tensors beside old settings: each write stamps both with a digest of the tensors
+(in the safetensors header metadata and in the JSON; a digest, not a random id, so the same
+tensors give the same bytes), and a pair whose digests differ is torn: not there for
+`artefact_exists` (so it is recomputed) and refused by `load_artefact`. Chunked writers let a long computation resume: chunk files appear
 atomically one by one, and a rerun under the same settings skips the chunks already there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -29,6 +34,21 @@ class SettingsMismatch(RuntimeError):
         super().__init__(
             f"{where} was made under other settings:\n  {shown}{more}\n"
             "Remove that folder (or pass --overwrite), or write to another --out / cache folder.")
+
+
+class TornArtefact(SettingsMismatch):
+    """The tensors and the settings of an artefact come from different writes (a write was
+    interrupted between its two files, or two runs wrote the same folder at once)."""
+
+    def __init__(self, where: str | Path):
+        self.differences = [f"{WRITE_ID}: tensors and settings from different writes"]
+        RuntimeError.__init__(
+            self, f"{where}: torn artefact: tensors and settings from different writes; rerun to recompute "
+            "it (or remove that folder)")
+
+
+WRITE_ID = "tensors_sha256"
+"""Key of the tensors' digest in the safetensors header metadata and in the settings JSON."""
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -63,15 +83,41 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 def save_artefact(folder: str | Path, name: str, tensors: Mapping[str, Any], settings: Mapping[str, Any],
                   extra: Mapping[str, Any] | None = None) -> Path:
-    """Write `name.safetensors` and `name.json` ({"settings": ..., **extra}) atomically."""
+    """Write `name.safetensors` and `name.json` ({"settings": ..., **extra}), each atomically,
+    both stamped with the tensors' digest so that a pair from different writes is never read as one."""
     from safetensors.numpy import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    arrays = {k: _to_numpy(v) for k, v in tensors.items()}
+    digest = tensors_digest(arrays)
     with atomic_path(folder / f"{name}.safetensors") as tmp:
-        save_file({k: _to_numpy(v) for k, v in tensors.items()}, tmp)
-    write_json(folder / f"{name}.json", {"settings": settings, **(extra or {})})
+        save_file(arrays, tmp, metadata={WRITE_ID: digest})
+    write_json(folder / f"{name}.json", {"settings": settings, **(extra or {}), WRITE_ID: digest})
     return folder / f"{name}.safetensors"
+
+
+def tensors_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """sha256 over the name, dtype, shape and bytes of every array, in name order."""
+    h = hashlib.sha256()
+    for key in sorted(arrays):
+        a = np.ascontiguousarray(arrays[key])
+        h.update(f"{key}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.reshape(-1).view(np.uint8).data if a.size else b"")
+    return h.hexdigest()
+
+
+def _tensors_write_id(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as fh:
+        return (fh.metadata() or {}).get(WRITE_ID)
+
+
+def _is_torn(meta: Mapping[str, Any], data_path: Path) -> bool:
+    """Whether the settings and the tensors carry different digests (artefacts written before
+    digests were stamped carry none on either side and are read as they are)."""
+    return meta.get(WRITE_ID) != _tensors_write_id(data_path)
 
 
 def load_artefact(folder: str | Path, name: str, expected: Mapping[str, Any] | None = None
@@ -84,6 +130,8 @@ def load_artefact(folder: str | Path, name: str, expected: Mapping[str, Any] | N
     if not meta_path.exists() or not data_path.exists():
         raise FileNotFoundError(f"{folder}: no artefact {name!r} ({meta_path.name} + {data_path.name})")
     meta = json.loads(meta_path.read_text())
+    if _is_torn(meta, data_path):
+        raise TornArtefact(folder / name)
     if expected is not None:
         differences = diff_settings(meta.get("settings", {}), expected)
         if differences:
@@ -92,8 +140,15 @@ def load_artefact(folder: str | Path, name: str, expected: Mapping[str, Any] | N
 
 
 def artefact_exists(folder: str | Path, name: str) -> bool:
+    """Both files there, from the same write (a torn pair counts as absent, to be recomputed)."""
     folder = Path(folder)
-    return (folder / f"{name}.json").exists() and (folder / f"{name}.safetensors").exists()
+    meta_path, data_path = folder / f"{name}.json", folder / f"{name}.safetensors"
+    if not (meta_path.exists() and data_path.exists()):
+        return False
+    try:
+        return not _is_torn(json.loads(meta_path.read_text()), data_path)
+    except (OSError, ValueError):
+        return False
 
 
 class ChunkedWriter:

@@ -1,4 +1,9 @@
-"""Atomic writes: a temporary file beside the target, renamed onto it only on success."""
+"""Atomic writes: a temporary file beside the target, renamed onto it only on success.
+
+`mkstemp` / `mkdtemp` create their files 0600 / folders 0700 whatever the umask; the result is
+given the mode an ordinary `open` / `mkdir` would give it (0666 / 0777 less the umask), so a
+teammate on a shared cluster can read a run as they can read any other file of its author.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,29 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the system says it (Linux
+    /proc/self/status); elsewhere by the set-and-restore of `os.umask`, under a lock."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -21,6 +45,8 @@ def atomic_path(path: str | Path) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        # after the write: some writers (safetensors) replace the file rather than fill it
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -34,6 +60,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())
         yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mechsieve.config import ConfigError
+
 
 def multi_otsu(values: np.ndarray, classes: int = 3, nbins: int = 256) -> np.ndarray:
     """Thresholds [classes - 1] (ascending) splitting `values` [n] into `classes` groups.
@@ -22,16 +24,18 @@ def multi_otsu(values: np.ndarray, classes: int = 3, nbins: int = 256) -> np.nda
     v = np.asarray(values, dtype=np.float64).ravel()
     v = v[np.isfinite(v)]
     if classes < 2:
-        raise ValueError(f"multi_otsu: classes={classes}; need at least 2")
+        raise ConfigError(f"multi_otsu: classes={classes}; need at least 2 (xtf.tr_classes)")
     if v.size == 0:
-        raise ValueError("multi_otsu: no finite values to threshold")
+        raise ConfigError("multi_otsu: no finite values to threshold; pass examples with response tokens "
+                          "(or leave tr out of xtf.attributes)")
     hist, edges = np.histogram(v, bins=nbins, range=(v.min(), v.max()))
     centers = (edges[:-1] + edges[1:]) / 2
     prob = hist / hist.sum()
     nonzero = np.flatnonzero(prob)
     if nonzero.size < classes:
-        raise ValueError(f"multi_otsu: only {nonzero.size} distinct binned values, cannot make {classes} "
-                         "classes; lower tr_classes or pass more tokens")
+        raise ConfigError(f"multi_otsu: only {nonzero.size} distinct binned values among {v.size}, cannot make "
+                          f"{classes} classes; lower xtf.tr_classes (now {classes}) or pass more examples "
+                          "(more response tokens)")
     if nonzero.size == classes:
         return centers[nonzero[:-1]]
     idx = np.arange(nbins, dtype=np.float64)

@@ -85,10 +85,15 @@ def collate_items(items: Sequence[TrainItem], indices: Sequence[int], pad_id: in
 
 
 def save_tokenized(path: str | Path, items: Sequence[TrainItem], extra: dict[str, list] | None = None) -> Path:
-    """Write items as a `datasets.save_to_disk` folder with columns input_ids, labels (+ extra)."""
-    import datasets
+    """Write items as a `datasets.save_to_disk` dataset in folder `path`: columns input_ids,
+    labels (+ extra). The dataset's files are swapped into the folder one by one (each whole, the
+    state file last); other files there are kept, and the data files of a dataset saved there
+    before are removed only when the new one does not reuse their names."""
+    import os
+    import shutil
+    import tempfile
 
-    from mechsieve.store.atomic import atomic_dir
+    import datasets
 
     columns: dict[str, list] = {"input_ids": [it.input_ids.tolist() for it in items],
                                 "labels": [it.labels.tolist() for it in items]}
@@ -105,14 +110,36 @@ def save_tokenized(path: str | Path, items: Sequence[TrainItem], extra: dict[str
         if name not in ("input_ids", "labels"):
             ds = ds.add_column(name, columns[name])
     path = Path(path)
-    with atomic_dir(path) as tmp:
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob(".tokenized.*.tmp"):  # left by a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
+    old_files = _saved_data_files(path)
+    tmp = Path(tempfile.mkdtemp(dir=path, prefix=".tokenized.", suffix=".tmp"))
+    try:
         # datasets' own per-shard bar is noise beside the command's progress; keep it quiet.
         datasets.disable_progress_bars()
         try:
             ds.save_to_disk(str(tmp))
         finally:
             datasets.enable_progress_bars()
+        # data files first, state.json (which names them) last: a reader sees whole files only
+        names = sorted((p.name for p in tmp.iterdir()), key=lambda n: (n == "state.json", n))
+        for name in names:
+            os.replace(tmp / name, path / name)
+        for name in old_files - set(names):
+            (path / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _saved_data_files(folder: Path) -> set[str]:
+    """The data files a dataset saved in `folder` lists in its state.json (none when there is none)."""
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        return {Path(f["filename"]).name for f in state.get("_data_files", [])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
 
 
 def is_tokenized(path: str | Path) -> bool:
@@ -171,7 +198,14 @@ def load_tokenized(path: str | Path) -> list[TrainItem]:
             for lineno, line in enumerate(fh, start=1):
                 if not line.strip():
                     continue
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except ValueError as err:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({err}); tokenized items are one "
+                                    "object with input_ids and labels a line") from err
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{lineno}: expected an object with input_ids and labels, "
+                                    f"got {type(row).__name__}")
                 _check_columns(f"{path}:{lineno}", list(row))
                 ids.append(row["input_ids"])
                 labels.append(row["labels"])
@@ -179,10 +213,22 @@ def load_tokenized(path: str | Path) -> list[TrainItem]:
         raise DataError(f"{path}: tokenized items come as a save_to_disk folder, .parquet or .jsonl")
     out = []
     for row, (a, b) in enumerate(zip(ids, labels)):
-        if len(a) != len(b):
-            raise DataError(f"{path}: row {row} has {len(a)} input_ids but {len(b)} labels")
-        out.append(TrainItem(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)))
+        out.append(_item(path, row, a, b))
     return out
+
+
+def _item(path: Path, row: int, ids: Any, labels: Any) -> TrainItem:
+    """Row `row` of a tokenized file as an item; DataError naming the row if it is not one."""
+    kinds = "input_ids and labels must be lists of token ids (integers)"
+    try:
+        a, b = np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise DataError(f"{path}: row {row}: {kinds} ({err})") from err
+    if a.ndim != 1 or b.ndim != 1:
+        raise DataError(f"{path}: row {row}: {kinds}; got shapes {a.shape} and {b.shape}")
+    if len(a) != len(b):
+        raise DataError(f"{path}: row {row} has {len(a)} input_ids but {len(b)} labels")
+    return TrainItem(a, b)
 
 
 def _check_columns(where: Any, columns: list[str]) -> None:

@@ -6,7 +6,9 @@ count before `backward`, so gradient accumulation gives exactly the gradient of 
 (unlike averaging per-micro-batch means, which over-weights short micro-batches).
 
 Micro-batches are length buckets under a token budget (`capture.plan_batches`), reshuffled in
-order each epoch from the seed; with `max_steps` the data is cycled as often as needed. There is
+order each epoch from the seed; with `max_steps` the data is cycled as often as needed. Under N
+processes (accelerate / torchrun) each takes every N-th bucket of that order, so an epoch is
+1/N of the optimizer steps of one process, and only the main process shows progress. There is
 no packing: sequences are right-padded side by side, never concatenated, so no example attends
 to another and every label stays at its own token.
 """
@@ -14,6 +16,7 @@ to another and every label stays at its own token.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 import warnings
@@ -27,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from mechsieve.capture.batching import plan_batches
-from mechsieve.config import to_dict
+from mechsieve.config import ConfigError, to_dict
+from mechsieve.data.readers import DataError
 from mechsieve.data.render import pad_id
 from mechsieve.models.loading import LoadedModel
 from mechsieve.train.config import TrainConfig, TrainResult
@@ -78,12 +82,20 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
     return f
 
 
-def steps_per_epoch(items: Sequence[TrainItem], cfg: TrainConfig) -> int:
-    """Optimizer steps of one pass over `items` (items without label tokens are not counted)."""
+def is_main_process() -> bool:
+    """Whether this is the process that prints: rank 0 of a torchrun / accelerate launch, or
+    the only one (read from the launcher's RANK, so a command can ask before any model work)."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def steps_per_epoch(items: Sequence[TrainItem], cfg: TrainConfig, world: int = 1) -> int:
+    """Optimizer steps of one pass over `items` by `world` processes together (each takes every
+    `world`-th micro-batch; items without label tokens are not counted)."""
     lengths = [len(it) for it in items if it.n_targets > 0]
     if not lengths:
         return 0
-    return math.ceil(len(plan_batches(lengths, cfg.max_tokens, cfg.max_batch).batches) / cfg.grad_accum)
+    per_process = math.ceil(len(plan_batches(lengths, cfg.max_tokens, cfg.max_batch).batches) / world)
+    return math.ceil(per_process / cfg.grad_accum)
 
 
 def micro_batches(items: Sequence[TrainItem], cfg: TrainConfig, rank: int = 0, world: int = 1
@@ -93,8 +105,8 @@ def micro_batches(items: Sequence[TrainItem], cfg: TrainConfig, rank: int = 0, w
     plan = plan_batches([len(items[i]) for i in usable], cfg.max_tokens, cfg.max_batch)
     buckets = [[usable[j] for j in b] for b in plan.batches]
     if len(buckets) < world:
-        raise ValueError(f"{len(buckets)} micro-batches for {world} processes: each process needs at least one; "
-                         "lower train.max_tokens or use fewer processes")
+        raise ConfigError(f"{len(buckets)} micro-batches for {world} processes: each process needs at least one; "
+                          "lower train.max_tokens (or train.max_batch), give more data, or use fewer processes")
     epoch = 0
     while True:
         order = list(range(len(buckets)))
@@ -137,14 +149,19 @@ def train(loaded: LoadedModel, items: Sequence[TrainItem], cfg: TrainConfig,
 
     usable = [it for it in items if it.n_targets > 0]
     if not usable:
-        raise ValueError(f"none of the {len(items)} items has a label token to train on; check the "
-                         "response masks (prompt-only records?) or render.max_len (truncated answers?)")
+        raise DataError(f"none of the {len(items)} items has a label token to train on: prompt-only records, "
+                        "every response token masked, or answers cut off by truncation (raise render.max_len, "
+                        "--max-len)")
     if out_dir is not None:
         # train.json marks a finished run: a stale one must not vouch for this run's files.
         (Path(out_dir) / "train.json").unlink(missing_ok=True)
     torch.manual_seed(cfg.seed)
-    device = loaded.device
-    accelerator = Accelerator(cpu=device.type == "cpu")
+    if loaded.device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1") or 1) == 1:
+        torch.cuda.set_device(loaded.device)  # one process trains where it was loaded (--device cuda:1)
+    accelerator = Accelerator(cpu=loaded.device.type == "cpu")
+    # Each process trains on its own device (cuda:LOCAL_RANK under N processes), not on the one
+    # the model was loaded to, before the optimizer is made from its parameters.
+    loaded.model.to(accelerator.device)
     with warnings.catch_warnings():
         # peft asks transformers about gradient checkpointing through a deprecated name.
         warnings.filterwarnings("ignore", message=PEFT_DEPRECATION, category=FutureWarning)
@@ -153,13 +170,13 @@ def train(loaded: LoadedModel, items: Sequence[TrainItem], cfg: TrainConfig,
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         model, optimizer = accelerator.prepare(model, optimizer)
-    per_epoch = steps_per_epoch(items, cfg)
+    world = accelerator.num_processes
+    per_epoch = steps_per_epoch(items, cfg, world)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     pad = pad_id(loaded.tokenizer)
-    stream = micro_batches(items, cfg, accelerator.process_index, accelerator.num_processes)
+    stream = micro_batches(items, cfg, accelerator.process_index, world)
     pending = next(stream)  # one micro-batch ahead: its epoch tells when an epoch has ended
-    world = accelerator.num_processes
 
     model.train()
     losses: list[float] = []

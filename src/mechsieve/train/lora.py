@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from mechsieve.config import ConfigError
 from mechsieve.models.hooks import unwrap
 from mechsieve.models.loading import LoadedModel
 from mechsieve.train.config import TrainConfig
@@ -55,11 +56,12 @@ def wrap_for_training(model: Any, cfg: TrainConfig) -> Any:
                          "(load_model again) or merge the adapter first")
     targets = linear_module_names(model) if cfg.target_modules == "all-linear" else list(cfg.target_modules)
     if not targets:
-        raise ValueError("no linear layers found to put LoRA on; set train.target_modules")
+        raise ConfigError("no linear layers found to put LoRA on; set train.target_modules to this model's "
+                          "module names, or train.full_finetune=true")
     chosen = [m for n, m in model.named_modules() if n.split(".")[-1] in targets]
     if not chosen:
-        raise ValueError(f"train.target_modules={targets} match no module of this model; "
-                         f"its linear layers are {linear_module_names(model)}")
+        raise ConfigError(f"train.target_modules={targets} match no module of this model; "
+                          f"its linear layers are {linear_module_names(model)} (or use all-linear)")
     conv1d = any(isinstance(m, Conv1D) for m in chosen)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=targets, fan_in_fan_out=conv1d, task_type="CAUSAL_LM", bias="none")
@@ -114,8 +116,9 @@ def load_adapter(loaded: LoadedModel, adapter_dir: str | Path) -> LoadedModel:
         # Tied output embeddings are saved once; anything else missing is a different model.
         missing = [k for k in missing if "lm_head" not in k]
         if missing or unexpected:
-            raise ValueError(f"{adapter_dir}: weights do not fit this base model "
-                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+            raise ConfigError(f"{adapter_dir}: weights do not fit this base model "
+                              f"(missing {missing[:5]}, unexpected {unexpected[:5]}); pass the --model "
+                              "they were trained from")
     else:
         raise FileNotFoundError(f"{adapter_dir}: neither a LoRA adapter ({ADAPTER_CONFIG}) nor a saved "
                                 "model (config.json); pass the folder `mechsieve train --out` wrote")
