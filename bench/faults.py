@@ -506,10 +506,11 @@ def main() -> int:
                           ("activations.safetensors",), _chunk_examples,
                           re.compile(r"(\d+) examples resumed from chunks"), _count("chunks/*.safetensors"))
             print("[kills] capture on SmolLM2, block 0", flush=True)
+            phase = results.phase("smollm2")  # its clock starts here, with the trials
             res = kill_trials(cmd, "smollm2-135m-instruct", pool, work_big, args.kills,
                               np.random.default_rng(big.seed), env, big.timeout, -(-big.examples // big.chunk))
             t = res["trials"]
-            results.phase("smollm2").update({"model": "smollm2-135m-instruct, capture of block 0",
+            phase.update({"model": "smollm2-135m-instruct, capture of block 0",
                                              "examples": big.examples, "kills": {
                                                  "tried": len(t), "landed": sum(x["landed"] for x in t),
                                                  "survived": sum(x["survived"] for x in t),
