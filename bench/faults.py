@@ -2,8 +2,9 @@
 
 Kills. Each long command (`capture`, sharded `select`, `mask-tokens`, `sae train`, `train`) runs
 once uninterrupted as the reference, then again in a fresh folder as a subprocess that gets
-SIGKILL after a seeded delay (a share of the reference's wall time drawn from `--seed`), and is
-then rerun with the same command line. A kill counts as survived when
+SIGKILL at a seeded point (after its m-th chunk or shard file appeared, m drawn from `--seed`;
+for commands without chunks, a seeded share of its working time after it claimed its output
+folder), and is then rerun with the same command line. A kill counts as survived when
 - no file under its final name was torn (every visible JSON, safetensors, Parquet and Arrow file
   left by the killed run opens and parses),
 - the rerun exits 0 and its data outputs are byte-identical to the reference's,
@@ -196,22 +197,41 @@ def data_files(out: Path, globs: tuple[str, ...]) -> dict[str, bytes]:
     return files
 
 
+def run_watched(argv: list[str], out: Path, env: dict[str, str], timeout: float) -> tuple[int, str, float, float]:
+    """Run the CLI and note when its output folder's marker appeared (the command's work starts
+    there: it claims the folder just before its first write). Returns (rc, log, wall, t_marker)."""
+    t0 = time.perf_counter()
+    marked = None
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "mechsieve", *argv], stdout=log, stderr=subprocess.STDOUT,
+                                env=env)
+        while proc.poll() is None and time.perf_counter() - t0 < timeout:
+            if marked is None and (out / ".mechsieve.json").exists():
+                marked = time.perf_counter() - t0
+            time.sleep(0.02)
+        if proc.poll() is None:
+            proc.kill()
+        rc = proc.wait()
+        wall = time.perf_counter() - t0
+        log.seek(0)
+        text = log.read()
+    return rc, text, wall, marked if marked is not None else wall
+
+
 def kill_trials(cmd: Command, model: str, pool: str, work: Path, kills: int, rng: np.random.Generator,
                 env: dict[str, str], timeout: float, units: int = 0) -> dict:
     """The reference run, then `kills` seeded kill-and-rerun trials of one command.
 
     Where the command leaves finished units (`units` of them in a whole run), a trial kills it a
-    seeded moment (0-0.3 s) after its m-th unit appeared, m seeded; otherwise at a seeded time
-    between the end of its start-up (measured on an 8-example pool) and its reference wall time."""
+    seeded moment (0-0.3 s) after its m-th unit appeared, m seeded; otherwise a seeded share
+    (5-95%) of the reference's working time after its output folder was claimed."""
     ref_out = work / f"{cmd.name}-reference"
-    rc, log, wall = run_cli(cmd.argv(model, pool, str(ref_out)), env, timeout)
+    rc, log, wall, marked = run_watched(cmd.argv(model, pool, str(ref_out)), ref_out, env, timeout)
     if rc != 0:
         return {"reference_failed": log[-2000:], "trials": []}
     reference = data_files(ref_out, cmd.outputs)
-    small = work / f"{cmd.name}-small.jsonl"
-    small.write_text("".join(Path(pool).read_text(encoding="utf-8").splitlines(keepends=True)[:8]))
-    _, _, startup = run_cli(cmd.argv(model, str(small), str(work / f"{cmd.name}-startup")), env, timeout)
-    out: dict = {"reference_s": round(wall, 1), "startup_s": round(startup, 1), "units": units,
+    working = max(wall - marked, 0.1)
+    out: dict = {"reference_s": round(wall, 1), "work_starts_s": round(marked, 1), "units": units,
                  "reference_files": sorted(reference), "trials": []}
     for k in range(kills):
         folder = work / f"{cmd.name}-kill{k}"
@@ -220,19 +240,20 @@ def kill_trials(cmd: Command, model: str, pool: str, work: Path, kills: int, rng
             trial["after_unit"] = int(rng.integers(0, units - 1))
             trial["jitter_s"] = round(float(rng.uniform(0.0, 0.3)), 2)
         else:
-            trial["delay_s"] = round(float(rng.uniform(startup, max(wall, startup + 0.5))), 2)
+            trial["after_work_started_s"] = round(float(rng.uniform(0.05, 0.95)) * working, 2)
         proc = subprocess.Popen([sys.executable, "-m", "mechsieve", *cmd.argv(model, pool, str(folder))],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         t0 = time.perf_counter()
-        if "after_unit" in trial:
-            while proc.poll() is None and time.perf_counter() - t0 < timeout:
+        while proc.poll() is None and time.perf_counter() - t0 < timeout:
+            if "after_unit" in trial:
                 if folder.exists() and cmd.units_done(folder) > trial["after_unit"]:
                     time.sleep(trial["jitter_s"])
                     break
-                time.sleep(0.02)
-        else:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=trial["delay_s"])
+            elif (folder / ".mechsieve.json").exists():
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=trial["after_work_started_s"])
+                break
+            time.sleep(0.02)
         trial["landed"] = proc.poll() is None  # False: it finished before the kill
         trial["killed_at_s"] = round(time.perf_counter() - t0, 2)
         if trial["landed"]:
@@ -246,6 +267,7 @@ def kill_trials(cmd: Command, model: str, pool: str, work: Path, kills: int, rng
             # the kill landed after the run had finished its work: its outputs are the result
             trial["finished_before_kill"] = True
             rc = 0
+        trial["rerun_ok"] = rc == 0
         if rc != 0:
             trial["rerun_error"] = log[-1500:]
         got = data_files(folder, cmd.outputs) if rc == 0 else {}
