@@ -152,3 +152,114 @@ def test_an_unknown_setting_suggests_the_close_one(model_dir, tmp_path, capsys):
                  "--set", "capture.layrs=[0]"]) == 2
     err = capsys.readouterr().err
     assert "unknown setting(s) capture.layrs; CaptureConfig has: " in err and "did you mean capture.layers?" in err
+
+
+# --print-config: every command with settings prints them resolved, as YAML --config reads back
+PRINTABLE = {
+    "capture": ["--pool", "p.jsonl", "--layers", "0,-1", "--max-len", "64", "--set", "capture.max_tokens=512"],
+    "select": ["--pool", "p.jsonl", "--target", "t.jsonl", "--method", "nait", "--budget", "20",
+               "--set", "scorer.layers=[1]"],
+    "attribute": ["--pool", "p.jsonl", "--method", "projection-diff", "--concept", "pos.jsonl", "neg.jsonl"],
+    "train": ["--pool", "p.jsonl", "--lr", "1e-3", "--steps", "3", "--set", "train.lora_r=4"],
+    "evaluate": ["--task", "loss", "--pool", "test.jsonl", "--limit", "5"],
+    "experiment": ["--pool", "p.jsonl", "--methods", "random,nait", "--steps", "2",
+                   "--set", "eval=[{task: loss, data: {path: test.jsonl}}]"],
+    "mask-tokens": ["--pool", "p.jsonl", "--domain", "code"],
+    "sae train": ["--pool", "p.jsonl", "--layer", "1", "--k", "8"],
+}
+
+
+def print_config(argv: list[str], capsys) -> str:
+    assert main([*argv, "--print-config"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    return captured.out
+
+
+@pytest.mark.parametrize("command", sorted(PRINTABLE))
+def test_print_config_round_trips_through_config(command, tmp_path, capsys, no_model, monkeypatch):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)  # none of the files exist: nothing is read, nothing written
+    printed = print_config([*command.split(), *PRINTABLE[command]], capsys)
+    data = yaml.safe_load(printed)
+    assert isinstance(data, dict) and "model" in data
+    (tmp_path / "printed.yaml").write_text(printed)
+    assert print_config([*command.split(), "--config", "printed.yaml"], capsys) == printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["printed.yaml"]
+
+
+def test_print_config_shows_flags_set_and_the_methods_defaults(tmp_path, capsys, no_model):
+    import yaml
+
+    (tmp_path / "base.yaml").write_text("budget: '0.5'\nseed: 3\nscorer:\n  site: mlp\n")
+    data = yaml.safe_load(print_config(["select", "--config", str(tmp_path / "base.yaml"), *PRINTABLE["select"],
+                                        "--set", "seed=4"], capsys))
+    assert data["data"]["path"] == "p.jsonl" and data["target"]["path"] == "t.jsonl"
+    assert data["budget"] == "20" and data["seed"] == 4  # flag over --config, --set over both
+    # the method's settings in full, as the scorer runs them: given ones and defaults
+    assert data["scorer"]["site"] == "mlp" and data["scorer"]["layers"] == [1]
+    assert data["scorer"]["drift"] == "last" and data["scorer"]["render"]["max_len"] == 512
+    train = yaml.safe_load(print_config(["train", *PRINTABLE["train"]], capsys))["train"]
+    assert (train["learning_rate"], train["max_steps"], train["lora_r"]) == (1e-3, 3, 4)
+
+
+def test_print_config_refuses_what_the_command_would_refuse(capsys, no_model):
+    assert main(["select", "--pool", "p.jsonl", "--method", "nait", "--set", "scorer.layrs=[0]",
+                 "--print-config"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "did you mean layers?" in captured.err
+
+
+# one name for the input data, and the Hugging Face spellings, on every command that has the flag
+ALIASES = [("--data", "--pool"), ("--output_dir", "--out"), ("--learning_rate", "--lr"),
+           ("--max_steps", "--steps"), ("--max_length", "--max-len")]
+
+
+def test_every_command_reading_data_takes_pool_and_data():
+    from mechsieve.cli import build_parser
+
+    parser, _ = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    sae_train = commands["sae"]._subparsers._group_actions[0].choices["train"]
+    parsers = {name: p for name, p in commands.items() if name != "sae"} | {"sae train": sae_train}
+    reading = {name for name, p in parsers.items() if "--pool" in p._option_string_actions}
+    assert reading == {"attribute", "capture", "evaluate", "experiment", "info", "mask-tokens", "report",
+                       "sae train", "select", "train"}
+    for name, p in parsers.items():
+        for alias, canonical in ALIASES:
+            if (name, alias) == ("report", "--output_dir"):  # report's --out is a file, not a folder
+                assert alias not in p._option_string_actions
+            elif canonical in p._option_string_actions:
+                assert p._option_string_actions[alias] is p._option_string_actions[canonical], (name, alias)
+            # an HF spelling never stands for anything else
+            if alias != "--data" and canonical not in p._option_string_actions:
+                assert alias not in p._option_string_actions, (name, alias)
+
+
+@pytest.mark.parametrize("command, canonical, aliased", [
+    ("train", ["--pool", "p.jsonl", "--out", "o", "--lr", "0.001", "--steps", "3", "--max-len", "64"],
+     ["--data", "p.jsonl", "--output_dir", "o", "--learning_rate", "0.001", "--max_steps", "3",
+      "--max_length", "64"]),
+    ("evaluate", ["--task", "loss", "--pool", "t.jsonl", "--out", "o"],
+     ["--task", "loss", "--data", "t.jsonl", "--output_dir", "o"]),
+    ("capture", ["--pool", "p.jsonl", "--out", "o", "--max-len", "32"],
+     ["--data", "p.jsonl", "--output_dir", "o", "--max_length", "32"]),
+    ("experiment", ["--pool", "p.jsonl", "--steps", "2", "--out", "o", "--set", "eval=[{task: loss, data: {path: t}}]"],
+     ["--data", "p.jsonl", "--max_steps", "2", "--output_dir", "o", "--set", "eval=[{task: loss, data: {path: t}}]"]),
+    ("sae train", ["--pool", "p.jsonl", "--out", "o", "--max-len", "32"],
+     ["--data", "p.jsonl", "--output_dir", "o", "--max_length", "32"]),
+])
+def test_aliases_give_the_same_config(command, canonical, aliased, capsys, no_model):
+    first = print_config([*command.split(), *canonical], capsys)
+    assert print_config([*command.split(), *aliased], capsys) == first
+    assert "p.jsonl" in first or "t.jsonl" in first
+
+
+def test_help_names_pool_first_and_aliases_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "--pool, --data PATH" in text and "--out, --output_dir OUT" in text
+    assert "--lr, --learning_rate LR" in text and "--steps, --max_steps STEPS" in text
+    assert "--print-config" in text and "[--pool PATH]" in text

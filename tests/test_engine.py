@@ -481,6 +481,8 @@ def cpus_free(ray, wait: float = 20.0) -> float:
 def test_ray_gives_the_local_scores_and_selection(ray_session, model_dir, folder_model, tmp_path):
     config = ModelConfig(name=str(model_dir), device="cpu")
     pool, target = mixed_pool(10), two_source_target()
+    ctx = ray_session.data.DataContext.get_current()
+    bars = ctx.enable_progress_bars  # the run quiets Ray Data's bars and puts them back after
     # nait: two capabilities (union selection), normalised over the whole pool in `combine`;
     # vector-filter: a concept fitted on the driver and shipped to the actor
     for (method, spec), engine in ((SHARDED[2], RAY), (SHARDED[4], RAY_ONE_ACTOR)):
@@ -495,6 +497,7 @@ def test_ray_gives_the_local_scores_and_selection(ray_session, model_dir, folder
         assert remote.settings["engine"]["executor"] == "ray" and remote.settings["engine"]["ran"] == 4
         assert remote.explanations == local.explanations
         assert cpus_free(ray_session) == 2.0, f"{method}: the finished run's actors still hold CPUs"
+        assert ctx.enable_progress_bars == bars, method
 
 
 def test_ray_resumes_a_stopped_local_run_and_surfaces_a_failing_shard(ray_session, model_dir, folder_model,

@@ -21,6 +21,17 @@ def _command_modules():
     return [importlib.import_module(f"mechsieve.commands.{name}") for name in names]
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Aliases share one metavar in --help (`--out, --output_dir OUT`), as Python 3.13's argparse
+    prints them, instead of repeating it after each spelling."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        metavar = self._format_args(action, self._get_default_metavar_for_optional(action))
+        return f"{', '.join(action.option_strings)} {metavar}"
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     from mechsieve import __version__
 
@@ -31,7 +42,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     handlers = {}
     for module in _command_modules():
-        p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP, formatter_class=HelpFormatter)
         module.add_arguments(p)
         handlers[module.NAME] = module.run
     return parser, handlers
@@ -43,10 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    from mechsieve.commands._common import USER_ERRORS
+    from mechsieve.commands._common import USER_ERRORS, ConfigPrinted
 
     try:
         return int(handlers[args.command](args) or 0)
+    except ConfigPrinted:
+        return 0
     except USER_ERRORS as err:
         print(f"mechsieve {args.command}: error: {err}", file=sys.stderr)
         return 2

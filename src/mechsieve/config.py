@@ -2,16 +2,22 @@
 
 Every command's settings are a dataclass (fields with docstrings in the class, `Literal` for
 choices, checks in `__post_init__`). YAML enters only through `--config`; `--set a.b=value`
-overrides one field, the value parsed as YAML (`--set capture.layers=[1,2]`).
+overrides one field, the value parsed as YAML (`--set capture.layers=[1,2]`). `describe_settings`
+lists a config's fields with types, defaults and docstrings (`mechsieve methods NAME`); `to_yaml`
+writes one back as `--config` reads it (`--print-config`).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import textwrap
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, Literal, NamedTuple, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -154,6 +160,68 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring of each field of dataclass `cls` (the string literal right after the field in
+    the class body, inherited ones included), cleaned as `inspect.cleandoc` does; a field without
+    one, or a class whose source is not available, has none."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+class Setting(NamedTuple):
+    """One field of a config dataclass, as `describe_settings` lists it."""
+
+    key: str
+    """Dotted path, as `--set` takes it (`render.max_len`)."""
+    type: str
+    """The annotation as written in the class (`list[int] | Literal['all']`)."""
+    default: Any
+    """The default value; `dataclasses.MISSING` for a required field, None for a section."""
+    doc: str
+    """The field's docstring ('' when it has none)."""
+    section: bool
+    """True for a nested config dataclass, whose own fields follow it."""
+
+
+def describe_settings(cls: type, prefix: str = "") -> list[Setting]:
+    """Every field of config dataclass `cls`, the fields of nested config dataclasses right after
+    their section (keys dotted), in declaration order."""
+    hints = get_type_hints(cls)
+    docs = field_docs(cls)
+    out: list[Setting] = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        shown = f.type if isinstance(f.type, str) else inspect.formatannotation(f.type, cls.__module__)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.append(Setting(prefix + f.name, shown, None, docs.get(f.name, ""), True))
+            out.extend(describe_settings(hints[f.name], f"{prefix}{f.name}."))
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        out.append(Setting(prefix + f.name, shown, default, docs.get(f.name, ""), False))
+    return out
+
+
+def to_yaml(cfg: Any) -> str:
+    """A config (or its `to_dict`) as YAML that `load_config` reads back to the same config."""
+    data = cfg if isinstance(cfg, dict) else to_dict(cfg)
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 
 def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -19,10 +19,17 @@ USER_ERRORS = (ConfigError, DataError, RecordError, ModelError, ScorerError, Set
                EngineError)
 
 
+class ConfigPrinted(Exception):
+    """`--print-config` printed the resolved settings; the command stops there (exit 0)."""
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML file with settings (sections as in the config dataclass)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set capture.max_tokens=8192 (repeatable)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the settings as this command would run them (after --config, flags and --set) "
+                        "as YAML that --config reads back, and exit without running")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -65,16 +72,24 @@ def check_engine(engine: Any, scorer_cls: type | None = None) -> None:
 def scorer_class(method: str, settings: dict[str, Any] | None, key: str = "scorer") -> type:
     """The scorer class of `method`, with its settings checked (unknown keys named with the method
     they were meant for, values by its config) before any data is read or model loaded."""
-    from mechsieve.config import check_settings, did_you_mean, from_dict
-    from mechsieve.scorers.registry import RegistryError, available, get_scorer_class
+    from mechsieve.config import check_settings, from_dict
 
-    try:
-        cls = get_scorer_class(method)
-    except RegistryError as err:
-        raise ConfigError(f"method: {err}{did_you_mean(method, available())}") from None
+    cls = method_class(method)
     check_settings(cls.config_cls, settings or {}, f"{key}.", method)
     from_dict(cls.config_cls, settings or {}, prefix=f"{key}.")
     return cls
+
+
+def method_class(method: str, key: str | None = "method") -> type:
+    """The registered scorer class named `method`; an unknown name is a ConfigError (prefixed by
+    `key`) listing the methods and suggesting the closest."""
+    from mechsieve.config import did_you_mean
+    from mechsieve.scorers.registry import RegistryError, available, get_scorer_class
+
+    try:
+        return get_scorer_class(method)
+    except RegistryError as err:
+        raise ConfigError(f"{key + ': ' if key else ''}{err}{did_you_mean(method, available())}") from None
 
 
 def check_budget(budget: Any) -> None:
@@ -98,9 +113,11 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
 
 
-def add_data_flags(parser: argparse.ArgumentParser, flag: str = "--pool", key: str = "data") -> None:
-    dest = flag.lstrip("-").replace("-", "_")
-    parser.add_argument(flag, dest=dest, help="data file (.jsonl .json .parquet .csv), saved dataset folder or hub id")
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    """--pool (alias --data: every command reads its input data from the same flag) and how to read it."""
+    dest = "pool"
+    parser.add_argument("--pool", "--data", dest=dest, metavar="PATH",
+                        help="data file (.jsonl .json .parquet .csv), saved dataset folder or hub id")
     parser.add_argument("--format", dest=f"{dest}_format",
                         help="auto (default), alpaca, messages, prompt_completion, question_answer, text, mapping")
     parser.add_argument("--field-map", dest=f"{dest}_field_map", metavar="KEY=COL,...",
@@ -151,8 +168,26 @@ def model_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_config(cls: type[T], args: argparse.Namespace, flags: dict[str, Any]) -> T:
-    return load_config(cls, getattr(args, "config", None), getattr(args, "overrides", []),
-                       {k: v for k, v in flags.items() if v is not None})
+    """The command's settings: defaults < --config < flags (dotted keys; None: not given) < --set.
+    With --print-config they are printed as YAML and the command stops (ConfigPrinted, exit 0)."""
+    cfg = load_config(cls, getattr(args, "config", None), getattr(args, "overrides", []),
+                      {k: v for k, v in flags.items() if v is not None})
+    if getattr(args, "print_config", False):
+        print(resolved_yaml(cfg), end="")
+        raise ConfigPrinted
+    return cfg
+
+
+def resolved_yaml(cfg: Any) -> str:
+    """`cfg` as YAML; a `scorer` section paired with a `method` (select, attribute) is given in
+    full, the method's defaults included, as the scorer will run it."""
+    from mechsieve.config import from_dict, to_dict, to_yaml
+
+    data = to_dict(cfg)
+    if isinstance(getattr(cfg, "scorer", None), dict) and isinstance(getattr(cfg, "method", None), str):
+        scorer = scorer_class(cfg.method, cfg.scorer)
+        data["scorer"] = to_dict(from_dict(scorer.config_cls, cfg.scorer, prefix="scorer."))
+    return to_yaml(data)
 
 
 def int_list(text: str) -> list[int] | str:

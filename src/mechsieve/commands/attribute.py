@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concept-dir", help="a saved concept folder instead of --concept")
     p.add_argument("--query", help="data file of query examples (influence, grad-sim; default: POS)")
     p.add_argument("--layer", type=int, help="concept layer (block index, negative from the end)")
-    p.add_argument("--out", help="output folder (default runs/attribute)")
+    p.add_argument("--out", "--output_dir", help="output folder (default runs/attribute)")
     add_overwrite_flag(p)
     p.add_argument("--remove-top", type=float, help="write the pool without its top fraction, e.g. 0.1")
     p.add_argument("--label-field", help="record field with known labels, for AUC-PR / precision@k")

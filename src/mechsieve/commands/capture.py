@@ -48,11 +48,12 @@ class CaptureCommand:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_flags(p)
     add_data_flags(p)
-    p.add_argument("--out", help="output folder (default runs/capture)")
+    p.add_argument("--out", "--output_dir", help="output folder (default runs/capture)")
     p.add_argument("--layers", help="'all' or comma-separated block indices, e.g. 0,15,-1")
     p.add_argument("--site", choices=["resid", "mlp"], help="residual stream (default) or MLP neurons")
     p.add_argument("--reductions", help="comma-separated: last_prompt,mean_response,mean_prompt,mean_all,last,drift")
-    p.add_argument("--max-len", type=int, help="longest rendered example (tokens); longer ones are cut and counted")
+    p.add_argument("--max-len", "--max_length", type=int,
+                   help="longest rendered example (tokens); longer ones are cut and counted")
     p.add_argument("--max-tokens", type=int, help="token budget of one batch")
     p.add_argument("--overwrite", action="store_true", help="recompute from scratch")
     add_engine_flags(p)

@@ -12,7 +12,7 @@ HELP = "run mechsieve end to end on bundled samples with the embedded SmolLM2 mo
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--out", "--output_dir", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--model", default="smollm2-135m-instruct", help="model (default: the embedded SmolLM2)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -41,11 +41,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_flags(p)
     p.add_argument("--adapter", help="folder written by `mechsieve train` (default: evaluate the base model)")
     p.add_argument("--task", choices=["loss", "exact_match", "multiple_choice", "rouge", "chrf"],
-                   help="one task on --data (more tasks: a config file's `tasks` list)")
-    add_data_flags(p, flag="--data")
+                   help="one task on --pool (more tasks: a config file's `tasks` list)")
+    add_data_flags(p)
     p.add_argument("--name", help="label of the task in the output")
     p.add_argument("--max-new-tokens", type=int, help="generation tasks: longest answer (default 256)")
-    p.add_argument("--out", help="output folder (default runs/evaluate)")
+    p.add_argument("--out", "--output_dir", help="output folder (default runs/evaluate)")
     add_overwrite_flag(p)
     add_config_flags(p)
 
@@ -59,10 +59,10 @@ def run(args: argparse.Namespace) -> int:
     from mechsieve.train import load_adapter
 
     flags: dict = {**model_flags(args), "out": args.out, "adapter": args.adapter}
-    if args.task or args.data:
-        if not (args.task and args.data):
-            raise ConfigError("--task and --data go together (e.g. --task loss --data test.jsonl)")
-        task = {"task": args.task, "data": {k.split(".", 1)[1]: v for k, v in data_flags(args, flag="data").items()}}
+    if args.task or args.pool:
+        if not (args.task and args.pool):
+            raise ConfigError("--task and --pool go together (e.g. --task loss --pool test.jsonl)")
+        task = {"task": args.task, "data": {k.split(".", 1)[1]: v for k, v in data_flags(args).items()}}
         if args.name:
             task["name"] = args.name
         if args.max_new_tokens:

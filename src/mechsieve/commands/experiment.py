@@ -6,8 +6,10 @@ import argparse
 
 from mechsieve.commands._common import (
     add_config_flags,
+    add_data_flags,
     add_model_flags,
     build_config,
+    data_flags,
     model_flags,
     print_outputs,
 )
@@ -18,11 +20,12 @@ HELP = "for each method and seed: select, fine-tune with equal steps, evaluate; 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_flags(p)
+    add_data_flags(p)
     p.add_argument("--methods", help="comma-separated selection methods, e.g. random,full,nait")
     p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--budget", help="fraction (0.1) or count (200) each method selects")
-    p.add_argument("--steps", type=int, help="optimizer steps of every run (equal training budget)")
-    p.add_argument("--out", help="output folder (default runs/experiment)")
+    p.add_argument("--steps", "--max_steps", type=int, help="optimizer steps of every run (equal training budget)")
+    p.add_argument("--out", "--output_dir", help="output folder (default runs/experiment)")
     add_config_flags(p)
 
 
@@ -32,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from mechsieve.experiment import ExperimentConfig, run_experiment
     from mechsieve.experiment.report import format_table, is_primary, metric_columns, summarize
 
-    flags = {**model_flags(args), "out": args.out, "steps": args.steps,
+    flags = {**model_flags(args), **data_flags(args, key="pool"), "out": args.out, "steps": args.steps,
              "methods": [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
              "seeds": [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else None,
              "budget": yaml.safe_load(args.budget) if args.budget else None}

@@ -16,7 +16,8 @@ HELP = "show a model's hook points and a dataset's records, formats and token le
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model folder, hub id or smollm2-135m-instruct; shows its hook points")
     add_data_flags(p)
-    p.add_argument("--max-len", type=int, default=512, help="max_len used to count truncations (default 512)")
+    p.add_argument("--max-len", "--max_length", type=int, default=512,
+                   help="max_len used to count truncations (default 512)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 

@@ -2,7 +2,7 @@
 
 A shell over `mechsieve.tokens.pipeline` (`mask_examples`, `mask_examples_sharded`,
 `write_masked`; the module docstring there describes the output folder's columns and
-summary.json). `mechsieve train --data DIR` trains on the folder directly.
+summary.json). `mechsieve train --pool DIR` trains on the folder directly.
 """
 
 from __future__ import annotations
@@ -54,13 +54,13 @@ class MaskTokensCommand:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_flags(p)
     add_data_flags(p)
-    p.add_argument("--out", help="output folder (default runs/mask-tokens)")
+    p.add_argument("--out", "--output_dir", help="output folder (default runs/mask-tokens)")
     add_overwrite_flag(p)
     p.add_argument("--domain", choices=["math", "code", "medicine"], help="built-in word list for task relevance")
     p.add_argument("--words-file", help="your own word list for task relevance (one word a line)")
     p.add_argument("--attributes", help="comma-separated subset of ri,kn,tr (default all three)")
     p.add_argument("--ri-layers", choices=["all", "last"], help="attention of all layers (default) or the last")
-    p.add_argument("--max-len", type=int, help="longest rendered example (tokens)")
+    p.add_argument("--max-len", "--max_length", type=int, help="longest rendered example (tokens)")
     add_engine_flags(p)
     add_config_flags(p)
 

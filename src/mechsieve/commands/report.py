@@ -12,7 +12,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                    help="folders written by mechsieve select, attribute, mask-tokens or experiment")
     p.add_argument("--out", default="report.html", help="the HTML file to write (default report.html)")
-    p.add_argument("--pool", action="append", default=[], metavar="FILE",
+    p.add_argument("--pool", "--data", action="append", default=[], metavar="FILE",
                    help="data file with the examples' texts, when the pool a run recorded has moved (repeatable)")
     p.add_argument("--tokenizer", metavar="MODEL",
                    help="model folder or alias whose tokenizer shows mask-tokens runs token by token "

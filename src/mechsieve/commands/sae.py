@@ -44,18 +44,20 @@ class SaeTrainCommand:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    t = sub.add_parser("train", help="train a TopK SAE from streamed activations; reports held-out FVU and dead share")
+    t = sub.add_parser("train", formatter_class=p.formatter_class,
+                       help="train a TopK SAE from streamed activations; reports held-out FVU and dead share")
     add_model_flags(t)
     add_data_flags(t)
     t.add_argument("--layer", type=int, help="block index (negative from the end; default -1)")
     t.add_argument("--d-sae", type=int, help="number of latents (default 4096)")
     t.add_argument("--k", type=int, help="latents per token (default 32)")
     t.add_argument("--epochs", type=int, help="passes over the examples (default 1)")
-    t.add_argument("--max-len", type=int, help="longest rendered example (tokens)")
-    t.add_argument("--out", help="output folder (default runs/sae)")
+    t.add_argument("--max-len", "--max_length", type=int, help="longest rendered example (tokens)")
+    t.add_argument("--out", "--output_dir", help="output folder (default runs/sae)")
     t.add_argument("--overwrite", action="store_true", help="retrain even if a matching SAE is there")
     add_config_flags(t)
-    i = sub.add_parser("info", help="describe an SAE folder (SAELens, sparsify or mechsieve format)")
+    i = sub.add_parser("info", formatter_class=p.formatter_class,
+                       help="describe an SAE folder (SAELens, sparsify or mechsieve format)")
     i.add_argument("path", help="SAE folder or saelens:RELEASE/SAE_ID")
     i.add_argument("--layer", type=int, help="layer, where the files do not say")
 

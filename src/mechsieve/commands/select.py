@@ -41,7 +41,7 @@ class SelectCommand:
     """In-domain examples of the target capability; several files separated by commas (each file
     is a capability, selection takes the union)."""
     method: str = "nait"
-    """A registered scorer: see `mechsieve select --help` for the list."""
+    """A registered scorer: `mechsieve methods` lists them, `mechsieve methods NAME` shows its settings."""
     budget: str = "0.1"
     """A fraction (0.1), a count (70), a threshold (score>=0.5) or full."""
     order: Literal["auto", "top", "bottom"] = "auto"
@@ -70,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", help="fraction (0.1, default), count (70), threshold ('score>=0.5') or full")
     p.add_argument("--order", choices=["auto", "top", "bottom"], help="which end of the scores (default: method's)")
     p.add_argument("--seed", type=int, help="seed (default 0)")
-    p.add_argument("--out", help="output folder (default runs/select)")
+    p.add_argument("--out", "--output_dir", help="output folder (default runs/select)")
     add_overwrite_flag(p)
     add_model_flags(p)
     add_engine_flags(p)

@@ -41,18 +41,18 @@ class TrainCommand:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_flags(p)
-    add_data_flags(p, flag="--data")
-    p.add_argument("--out", help="output folder (default runs/train)")
+    add_data_flags(p)
+    p.add_argument("--out", "--output_dir", help="output folder (default runs/train)")
     add_overwrite_flag(p)
-    p.add_argument("--steps", type=int, help="optimizer steps (default: from --epochs)")
+    p.add_argument("--steps", "--max_steps", type=int, help="optimizer steps (default: from --epochs)")
     p.add_argument("--epochs", type=float, help="passes over the data (default 1)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 2e-4)")
+    p.add_argument("--lr", "--learning_rate", type=float, help="peak learning rate (default 2e-4)")
     p.add_argument("--lora-r", type=int, help="LoRA rank (default 16)")
     p.add_argument("--max-tokens", type=int, help="token budget of one micro-batch (default 4096)")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--seed", type=int, help="seed of LoRA init, dropout and batch order (default 0)")
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    p.add_argument("--max-len", type=int, help="longest rendered example (tokens)")
+    p.add_argument("--max-len", "--max_length", type=int, help="longest rendered example (tokens)")
     add_config_flags(p)
 
 
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     # Under torchrun / accelerate launch every process runs this; only the main one speaks.
     say = print if is_main_process() else (lambda *a, **k: None)
 
-    flags = {**model_flags(args), **data_flags(args, flag="data", key="data"), "out": args.out,
+    flags = {**model_flags(args), **data_flags(args), "out": args.out,
              "train.max_steps": args.steps, "train.epochs": args.epochs, "train.learning_rate": args.lr,
              "train.lora_r": args.lora_r, "train.max_tokens": args.max_tokens, "train.grad_accum": args.grad_accum,
              "train.seed": args.seed, "train.full_finetune": True if args.full else None,

@@ -202,10 +202,12 @@ class RayExecutor(Executor):
         ray = require_ray()
         started = self.connect()
         # our own bar over examples instead of Ray Data's per-operator bars and INFO lines
+        # (the context is the process's: what it held is put back in `finally`)
         ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        if hasattr(ctx, "print_on_execution_start"):
-            ctx.print_on_execution_start = False
+        quiet = {key: getattr(ctx, key) for key in ("enable_progress_bars", "print_on_execution_start")
+                 if hasattr(ctx, key)}
+        for key in quiet:
+            setattr(ctx, key, False)
         data_log = logging.getLogger("ray.data")
         level = data_log.level
         data_log.setLevel(logging.ERROR)
@@ -252,5 +254,7 @@ class RayExecutor(Executor):
                 kill_actors(ray, registry)
             bar.close()
             data_log.setLevel(level)
+            for key, value in quiet.items():
+                setattr(ctx, key, value)
             if started:
                 ray.shutdown()

@@ -100,9 +100,9 @@ def load_model(cfg: ModelConfig | str | None = None, **overrides: Any) -> Loaded
     if cfg is None or isinstance(cfg, str):
         cfg = ModelConfig(name=cfg or DEFAULT_MODEL, **overrides)
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # per-tensor loading bars are noise; our own bars say what runs
+    from mechsieve.progress import progress_bars_off
+
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     folder, identity = resolve_model_path(cfg)
@@ -112,8 +112,9 @@ def load_model(cfg: ModelConfig | str | None = None, **overrides: Any) -> Loaded
     if identity["kind"] == "hub" and cfg.revision:
         kwargs["revision"] = cfg.revision
     try:
-        tokenizer = _tokenizer(folder, identity, cfg)
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        with progress_bars_off("transformers"):  # per-tensor loading bars are noise; ours say what runs
+            tokenizer = _tokenizer(folder, identity, cfg)
+            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except OSError as err:
         raise ModelError(f"could not load model {cfg.name!r} from {folder}: {err}\n"
                          "Likely causes: the folder lacks config.json / weights; the hub id is wrong "

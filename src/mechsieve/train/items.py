@@ -95,6 +95,8 @@ def save_tokenized(path: str | Path, items: Sequence[TrainItem], extra: dict[str
 
     import datasets
 
+    from mechsieve.progress import progress_bars_off
+
     columns: dict[str, list] = {"input_ids": [it.input_ids.tolist() for it in items],
                                 "labels": [it.labels.tolist() for it in items]}
     for name, values in (extra or {}).items():
@@ -117,11 +119,8 @@ def save_tokenized(path: str | Path, items: Sequence[TrainItem], extra: dict[str
     tmp = Path(tempfile.mkdtemp(dir=path, prefix=".tokenized.", suffix=".tmp"))
     try:
         # datasets' own per-shard bar is noise beside the command's progress; keep it quiet.
-        datasets.disable_progress_bars()
-        try:
+        with progress_bars_off("datasets"):
             ds.save_to_disk(str(tmp))
-        finally:
-            datasets.enable_progress_bars()
         # data files first, state.json (which names them) last: a reader sees whole files only
         names = sorted((p.name for p in tmp.iterdir()), key=lambda n: (n == "state.json", n))
         for name in names:
