@@ -43,9 +43,6 @@ from pathlib import Path
 
 import numpy as np
 
-DATA_SUFFIXES = (".safetensors", ".parquet", ".arrow", ".jsonl")
-
-
 # --- inputs ----------------------------------------------------------------------------------------
 
 def tiny_model(folder: Path, tokenizer_from: str = "smollm2-135m-instruct", seed: int = 0) -> Path:
@@ -95,6 +92,8 @@ class Command:
     """What the rerun prints about resumed units (group 1: the count, in the units `finished` counts)."""
     done: Callable[[Path], int] | None = None
     """Finished units (chunk or shard files) present in OUT while it runs; default `finished`."""
+    per_unit: int = 0
+    """Examples per chunk or shard (0: the command leaves no finished units)."""
 
     def units_done(self, out: Path) -> int:
         return (self.done or self.finished)(out)
@@ -115,23 +114,29 @@ def _chunk_examples(out: Path) -> int:
     return total
 
 
+def capture_command(name: str, chunk: int, layers: str, reductions: str, max_tokens: int | None = None) -> Command:
+    """`capture` of `layers` with `reductions`, resumable in chunks of `chunk` examples."""
+    batch = ["--max-tokens", str(max_tokens)] if max_tokens else []
+    return Command(
+        name, lambda m, p, o: ["capture", "--model", m, "--pool", p, "--layers", layers, "--reductions", reductions,
+                               "--out", o, "--set", f"capture.chunk_examples={chunk}", *batch, "--quiet"],
+        ("activations.safetensors",), _chunk_examples, re.compile(r"(\d+) examples resumed from chunks"),
+        _count("chunks/*.safetensors"), per_unit=chunk)
+
+
 def commands(chunk: int, shard: int) -> dict[str, Command]:
     q = ["--quiet"]
     return {
-        "capture": Command(
-            "capture", lambda m, p, o: ["capture", "--model", m, "--pool", p, "--layers", "0,-1", "--reductions",
-                                        "mean_response,last", "--out", o, "--set", f"capture.chunk_examples={chunk}",
-                                        "--max-tokens", "2048", *q],
-            ("activations.safetensors",), _chunk_examples, re.compile(r"(\d+) examples resumed from chunks"),
-            _count("chunks/*.safetensors")),
+        "capture": capture_command("capture", chunk, "0,-1", "mean_response,last", max_tokens=2048),
         "select-sharded": Command(
             "select-sharded", lambda m, p, o: ["select", "--method", "loss", "--model", m, "--pool", p, "--budget",
                                                "0.5", "--engine", "local", "--shard-size", str(shard), "--out", o, *q],
-            ("scores.parquet", "selected*"), _count("shards/*.done"), re.compile(r"\((\d+) resumed")),
+            ("scores.parquet", "selected*"), _count("shards/*.done"), re.compile(r"\((\d+) resumed"),
+            per_unit=shard),
         "mask-tokens": Command(
             "mask-tokens", lambda m, p, o: ["mask-tokens", "--model", m, "--pool", p, "--domain", "math", "--engine",
                                             "local", "--shard-size", str(shard), "--out", o, *q],
-            ("**/*.arrow",), _count("shards/*.done"), re.compile(r"\((\d+) resumed")),
+            ("**/*.arrow",), _count("shards/*.done"), re.compile(r"\((\d+) resumed"), per_unit=shard),
         "sae-train": Command(
             "sae-train", lambda m, p, o: ["sae", "train", "--model", m, "--pool", p, "--layer", "1", "--d-sae", "128",
                                           "--k", "8", "--epochs", "2", "--out", o, *q],
@@ -141,13 +146,6 @@ def commands(chunk: int, shard: int) -> dict[str, Command]:
                                       "--out", o, *q],
             ("**/*.safetensors",)),
     }
-
-
-def run_cli(argv: list[str], env: dict[str, str], timeout: float) -> tuple[int, str, float]:
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "mechsieve", *argv], capture_output=True, text=True, env=env,
-                          timeout=timeout)
-    return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - t0
 
 
 def torn_files(out: Path) -> list[str]:
@@ -219,10 +217,10 @@ def run_watched(argv: list[str], out: Path, env: dict[str, str], timeout: float)
 
 
 def kill_trials(cmd: Command, model: str, pool: str, work: Path, kills: int, rng: np.random.Generator,
-                env: dict[str, str], timeout: float, units: int = 0) -> dict:
+                env: dict[str, str], timeout: float) -> dict:
     """The reference run, then `kills` seeded kill-and-rerun trials of one command.
 
-    Where the command leaves finished units (`units` of them in a whole run), a trial kills it a
+    Where the command leaves finished units (chunks or shards of `cmd.per_unit` examples), a trial kills it a
     seeded moment (0-0.3 s) after its m-th unit appeared, m seeded; otherwise a seeded share
     (5-95%) of the reference's working time after its output folder was claimed."""
     ref_out = work / f"{cmd.name}-reference"
@@ -230,13 +228,16 @@ def kill_trials(cmd: Command, model: str, pool: str, work: Path, kills: int, rng
     if rc != 0:
         return {"reference_failed": log[-2000:], "trials": []}
     reference = data_files(ref_out, cmd.outputs)
+    with open(pool, encoding="utf-8") as fh:
+        examples = sum(1 for line in fh if line.strip())
+    units = -(-examples // cmd.per_unit) if cmd.per_unit else 0
     working = max(wall - marked, 0.1)
     out: dict = {"reference_s": round(wall, 1), "work_starts_s": round(marked, 1), "units": units,
                  "reference_files": sorted(reference), "trials": []}
     for k in range(kills):
         folder = work / f"{cmd.name}-kill{k}"
         trial: dict = {}
-        if cmd.finished is not None and units > 1:
+        if units > 1:
             trial["after_unit"] = int(rng.integers(0, units - 1))
             trial["jitter_s"] = round(float(rng.uniform(0.0, 0.3)), 2)
         else:
@@ -261,7 +262,7 @@ def kill_trials(cmd: Command, model: str, pool: str, work: Path, kills: int, rng
         proc.wait()
         trial["torn_files"] = torn_files(folder) if folder.exists() else []
         finished = cmd.finished(folder) if cmd.finished and folder.exists() else None
-        rc, log, wall_rerun = run_cli(cmd.argv(model, pool, str(folder)), env, timeout)
+        rc, log, wall_rerun, _ = run_watched(cmd.argv(model, pool, str(folder)), folder, env, timeout)
         trial.update(rerun_rc=rc, rerun_s=round(wall_rerun, 1), finished_before_rerun=finished)
         if rc == 2 and "already holds the output of an earlier" in log and _marker_complete(folder):
             # the kill landed after the run had finished its work: its outputs are the result
@@ -444,9 +445,9 @@ def foreign_files(cmds: dict[str, Command], model: str, pool: str, work: Path, e
         (out / "old_run").mkdir(parents=True)
         (out / "notes.txt").write_text("mine\n")
         (out / "old_run" / "x.json").write_text("{}\n")
-        rc, log, _ = run_cli(cmd.argv(model, pool, str(out)), env, timeout)
-        kept = (out / "notes.txt").read_text() == "mine\n" if (out / "notes.txt").exists() else False
-        kept = kept and (out / "old_run" / "x.json").exists()
+        rc, log, _, _ = run_watched(cmd.argv(model, pool, str(out)), out, env, timeout)
+        kept = (out / "notes.txt").is_file() and (out / "notes.txt").read_text() == "mine\n" \
+            and (out / "old_run" / "x.json").is_file()
         rows.append({"command": cmd.name, "rc": rc, "kept": kept, "message": log.strip().splitlines()[-1][:300]
                      if log.strip() else None})
         print(f"  [foreign files] {cmd.name}: rc {rc}, user's files kept {kept}", flush=True)
@@ -454,6 +455,13 @@ def foreign_files(cmds: dict[str, Command], model: str, pool: str, work: Path, e
 
 
 # --- the benchmark ---------------------------------------------------------------------------------
+
+def kill_counts(trials: list[dict]) -> dict[str, int]:
+    """Kills tried, landed (the run was still going), survived, identical, and with a torn file."""
+    return {"tried": len(trials), "landed": sum(t["landed"] for t in trials),
+            "survived": sum(t["survived"] for t in trials), "identical": sum(t["identical"] for t in trials),
+            "torn": sum(bool(t["torn_files"]) for t in trials)}
+
 
 @dataclass
 class Plan:
@@ -476,18 +484,13 @@ def run_faults(plan: Plan, work: Path, model: str | None = None) -> dict:
     kills = {}
     for name, cmd in cmds.items():
         print(f"[kills] {name}", flush=True)
-        units = -(-plan.examples // (plan.chunk if name == "capture" else plan.shard))
-        kills[name] = kill_trials(cmd, model, pool, work, plan.kills, rng, env, plan.timeout,
-                                  units if cmd.finished is not None else 0)
+        kills[name] = kill_trials(cmd, model, pool, work, plan.kills, rng, env, plan.timeout)
     print("[bad inputs]", flush=True)
     bad = bad_inputs(work / "bad")
     print("[foreign files]", flush=True)
     foreign = foreign_files(cmds, model, pool, work, env, plan.timeout)
-    trials = [t for k in kills.values() for t in k["trials"]]
     return {
-        "kills": {"tried": len(trials), "landed": sum(t["landed"] for t in trials),
-                  "survived": sum(t["survived"] for t in trials), "identical": sum(t["identical"] for t in trials),
-                  "torn": sum(bool(t["torn_files"]) for t in trials), "per_command": kills},
+        "kills": {**kill_counts([t for k in kills.values() for t in k["trials"]]), "per_command": kills},
         "bad_inputs": {"tried": len(bad), "clear": sum(r["clear"] for r in bad),
                        "tracebacks": sum(r["crash"] is not None for r in bad),
                        "written_on_error": sum(r["written_on_error"] for r in bad), "rows": bad},
@@ -522,21 +525,13 @@ def main() -> int:
             work_big.mkdir()
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
             pool = str(short_pool(work_big / "pool.jsonl", big.examples, big.seed))
-            cmd = Command("capture-smollm2", lambda m, p_, o: ["capture", "--model", m, "--pool", p_, "--layers", "0",
-                                                                "--reductions", "mean_response", "--out", o, "--set",
-                                                                "capture.chunk_examples=1024", *["--quiet"]],
-                          ("activations.safetensors",), _chunk_examples,
-                          re.compile(r"(\d+) examples resumed from chunks"), _count("chunks/*.safetensors"))
+            cmd = capture_command("capture-smollm2", big.chunk, "0", "mean_response")
             print("[kills] capture on SmolLM2, block 0", flush=True)
             phase = results.phase("smollm2")  # its clock starts here, with the trials
             res = kill_trials(cmd, "smollm2-135m-instruct", pool, work_big, args.kills,
-                              np.random.default_rng(big.seed), env, big.timeout, -(-big.examples // big.chunk))
-            t = res["trials"]
-            phase.update({"model": "smollm2-135m-instruct, capture of block 0",
-                                             "examples": big.examples, "kills": {
-                                                 "tried": len(t), "landed": sum(x["landed"] for x in t),
-                                                 "survived": sum(x["survived"] for x in t),
-                                                 "identical": sum(x["identical"] for x in t), "capture": res}})
+                              np.random.default_rng(big.seed), env, big.timeout)
+            phase.update({"model": "smollm2-135m-instruct, capture of block 0", "examples": big.examples,
+                          "kills": {**kill_counts(res["trials"]), "capture": res}})
             results.save(finished="smollm2")
     tiny, big = results["tiny"], results.get("smollm2", {}).get("kills", {})
     kills = {k: tiny["kills"][k] + big.get(k, 0) for k in ("tried", "landed", "survived", "identical")}
@@ -552,5 +547,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     raise SystemExit(main())

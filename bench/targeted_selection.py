@@ -40,7 +40,7 @@ from harness import B1_SOURCES, RESULTS, SEEDS, Results, finetune_and_eval, held
 from harness.pools import mixed_pool
 from mechsieve.store.atomic import atomic_path
 
-SCORES_NAME = "targeted_selection_scores.parquet"
+SCORES = RESULTS / "targeted_selection_scores.parquet"
 DEFAULT_METHODS = "random,nait,rds,kcenter,loss_high,loss_low,ifd"
 DEFAULT_RUNS = "nait,random,full"
 RUN_LABELS = ("nait", "less")  # selections whose fine-tune is compared with random's
@@ -76,7 +76,7 @@ def run_select(args, loaded, pool, target, out: dict, save, merge: bool) -> dict
         print(f"  {label:<10} share_gsm8k={methods[label]['share_gsm8k']:.3f}  {seconds:7.1f} s  {by_source}",
               flush=True)
         table = pa.table({"id": ids, "source": list(sources), **{k: pa.array(v) for k, v in columns.items()}})
-        with atomic_path(scores_path()) as tmp:
+        with atomic_path(SCORES) as tmp:
             pq.write_table(table, tmp)
         save()
 
@@ -149,19 +149,15 @@ def less_settings(args) -> dict:
                       "max_batch": args.train_batch, "seed": args.seed}}
 
 
-def scores_path():
-    return RESULTS / SCORES_NAME
-
-
 def saved_columns(ids: list[str]) -> dict[str, np.ndarray]:
     """Score columns of an earlier run (a merge keeps them), when they belong to this pool."""
     import pyarrow.parquet as pq
 
-    if not scores_path().exists():
+    if not SCORES.exists():
         return {}
-    table = pq.read_table(scores_path()).to_pydict()
+    table = pq.read_table(SCORES).to_pydict()
     if table.get("id") != ids:
-        raise SystemExit(f"{scores_path()} holds scores of another pool; rerun without --merge (or move it away)")
+        raise SystemExit(f"{SCORES} holds scores of another pool; rerun without --merge (or move it away)")
     return {k: np.asarray(v, dtype=np.float64) for k, v in table.items() if k not in ("id", "source")}
 
 
@@ -209,7 +205,7 @@ def rescore_ifd(results: dict, pool) -> None:
 
     from mechsieve.select import choose
 
-    table = pq.read_table(scores_path()).to_pydict()
+    table = pq.read_table(SCORES).to_pydict()
     ids = [ex.id for ex in pool.examples]
     assert table["id"] == ids, "the cached scores belong to another pool"
     scores = np.array(table["ifd"], dtype=np.float64)

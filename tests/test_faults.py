@@ -28,9 +28,8 @@ def env(tmp_path):
 def test_a_killed_command_reruns_to_identical_outputs(name, model_dir, tmp_path, env):
     pool = faults.short_pool(tmp_path / "pool.jsonl", 480, seed=1)
     cmd = faults.commands(chunk=64, shard=96)[name]
-    units = -(-480 // (64 if name == "capture" else 96)) if cmd.finished else 0
     res = faults.kill_trials(cmd, str(model_dir), str(pool), tmp_path, kills=1, rng=np.random.default_rng(3),
-                             env=env, timeout=600, units=units)
+                             env=env, timeout=600)
     assert "reference_failed" not in res, res.get("reference_failed")
     (trial,) = res["trials"]
     assert trial["torn_files"] == []

@@ -8,8 +8,8 @@ Layout of every file in bench/results/ (`Results` writes it):
 
 A phase is a fixed key (`select`, `train`, `sae`, ...), the same whichever way the script was
 invoked. `Results.phase(name, merge=...)` returns that phase's dict (kept from the file when
-merging, new otherwise); `Results.save()` writes the whole file atomically (a temporary file
-renamed onto it), so a run stopped mid-write never leaves a torn file. Provenance is a list per
+merging, new otherwise); `Results.save()` writes the whole file atomically (the library's
+`write_text`: a temporary file renamed onto it), so a run stopped mid-write never leaves a torn file. Provenance is a list per
 phase: a merging run appends its entry, a replacing run starts the list anew. Absolute paths are
 written relative to the repository (or as `~/...`, `<tmp>/...`), so a committed file names no
 machine.
@@ -159,15 +159,6 @@ class Results:
             entry["wall_s"] = round(time.perf_counter() - t0, 1)
             if name == finished:
                 entry.update(finished=True, machine=machine())
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(portable(self.data), indent=1, default=str) + "\n"
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return self.path
+        from mechsieve.store.atomic import write_text  # temporary file renamed onto it; umask modes
+
+        return write_text(self.path, json.dumps(portable(self.data), indent=1, default=str) + "\n")
