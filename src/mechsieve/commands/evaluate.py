@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_data_flags(p)
     p.add_argument("--name", help="label of the task in the output")
     p.add_argument("--max-new-tokens", type=int, help="generation tasks: longest answer (default 256)")
+    p.add_argument("--answer", choices=["gsm8k", "math"],
+                   help="exact_match: final answers as GSM8K numbers (default), or LaTeX / boxed / fractions "
+                        "through math-verify (pip install 'mechsieve[math]')")
     p.add_argument("--out", "--output_dir", help="output folder (default runs/evaluate)")
     add_overwrite_flag(p)
     add_config_flags(p)
@@ -67,7 +70,12 @@ def run(args: argparse.Namespace) -> int:
             task["name"] = args.name
         if args.max_new_tokens:
             task["max_new_tokens"] = args.max_new_tokens
+        if args.answer:
+            task["answer"] = args.answer
         flags["tasks"] = [task]
+    elif args.answer:
+        raise ConfigError("--answer goes with --task exact_match and --pool; in a config file, set `answer:` "
+                          "in each task of the `tasks` list")
     cfg = build_config(EvaluateCommand, args, flags)
     if not cfg.tasks:
         raise ConfigError("no task: give --task and --data, or a config file with a `tasks` list")

@@ -2,7 +2,9 @@
 
 A shell over `mechsieve.tokens.pipeline` (`mask_examples`, `mask_examples_sharded`,
 `write_masked`; the module docstring there describes the output folder's columns and
-summary.json). `mechsieve train --pool DIR` trains on the folder directly.
+summary.json). `mechsieve train --pool DIR` trains on the folder directly; its Parquet copy,
+DIR/parquet/train.parquet, is what `datasets.load_dataset("parquet", data_files=...)` and
+`trl sft --dataset_name DIR/parquet` read.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class MaskTokensCommand:
     """Output folder: the tokenized dataset and summary.json."""
     top: int = 5
     """How many of the most-masked examples summary.json shows."""
+    parquet: bool = True
+    """Also write the dataset as parquet/train.parquet (same columns), which `datasets.load_dataset`
+    and `trl sft --dataset_name OUT/parquet` read; neither reads the save_to_disk folder itself."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Where token scoring runs: in process (default) or on Ray actors; the masks are decided on
     the driver (TR's thresholds are over every token of the pool)."""
@@ -70,7 +75,12 @@ def run(args: argparse.Namespace) -> int:
     from mechsieve.data.readers import read_pool
     from mechsieve.models.loading import load_model, load_tokenizer, resolve_model_path
     from mechsieve.store.outputs import OutputFolder
-    from mechsieve.tokens.pipeline import mask_examples, mask_examples_sharded, write_masked
+    from mechsieve.tokens.pipeline import (
+        PARQUET,
+        mask_examples,
+        mask_examples_sharded,
+        write_masked,
+    )
     from mechsieve.tokens.xtf import bundled_words, parse_word_list
 
     flags = {**model_flags(args), **data_flags(args), "out": args.out, "xtf.domain": args.domain,
@@ -93,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(cfg.model)
         tokenizer, identity = model.tokenizer, model.identity
     # the dataset's files (data-*.arrow among them) are recorded as they appear
-    folder.claim(["dataset_info.json", "state.json", "summary.json", "shards"])
+    folder.claim(["dataset_info.json", "state.json", "summary.json", "shards", "parquet"])
     if cfg.engine.sharded:
         result = mask_examples_sharded(model, pool.examples, cfg.xtf, cfg.render, words, cfg.engine,
                                        Path(cfg.out) / "shards", tokenizer, progress=not args.quiet)
@@ -101,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         result = mask_examples(model, pool.examples, cfg.xtf, cfg.render, words=words, progress=not args.quiet)
     settings = {"command": to_dict(cfg), "model": identity, "pool": str(pool.path),
                 "pool_fingerprint": pool.fingerprint(), "words": len(words)}
-    summary = write_masked(cfg.out, result, tokenizer, settings, top=cfg.top)
+    summary = write_masked(cfg.out, result, tokenizer, settings, top=cfg.top, parquet=cfg.parquet)
     folder.finish()
     print(f"read {len(pool)} examples ({pool.format}) from {pool.path}; {result.render_summary}")
     engine = result.scores.info.get("engine")
@@ -111,5 +121,8 @@ def run(args: argparse.Namespace) -> int:
     shares = ", ".join(f"{k} {v:.1%}" for k, v in summary["masked_share"].items())
     print(f"masked {summary['masked_tokens']['union']} of {summary['eligible_tokens']} response tokens "
           f"({shares}) in {result.seconds} s")
-    print_outputs({"dataset": cfg.out, "summary": Path(cfg.out) / "summary.json"})
+    outputs: dict[str, Path | str] = {"dataset": cfg.out, "summary": Path(cfg.out) / "summary.json"}
+    if cfg.parquet:
+        outputs["parquet"] = Path(cfg.out) / PARQUET
+    print_outputs(outputs)
     return 0

@@ -31,8 +31,9 @@ class TrainCommand:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    """A pool any reader accepts, or tokenized items (input_ids + labels: a save_to_disk folder,
-    .parquet or .jsonl, as `mechsieve mask-tokens` writes) used as they are."""
+    """A pool any reader accepts, or tokenized items (a save_to_disk folder, .parquet or .jsonl):
+    input_ids + labels, as `mechsieve mask-tokens` writes, used as they are; or TRL-style input_ids
+    + completion_mask (no labels), whose labels are the ids where completion_mask is 1."""
     render: RenderConfig = field(default_factory=RenderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     out: str = "runs/train"

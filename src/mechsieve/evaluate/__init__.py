@@ -4,12 +4,13 @@ from mechsieve.evaluate.answers import exact_match, extract_answer, last_number,
 from mechsieve.evaluate.choice import Choice, choice_accuracy, parse_choice
 from mechsieve.evaluate.generate import generate_greedy
 from mechsieve.evaluate.loss import heldout_loss, label_logprobs
+from mechsieve.evaluate.math_answers import extract_math_answer, math_match
 from mechsieve.evaluate.tasks import PRIMARY, TASKS, TaskConfig, evaluate_task
 from mechsieve.evaluate.text_metrics import chrf, rouge_l
 
 __all__ = ["PRIMARY", "TASKS", "Choice", "TaskConfig", "choice_accuracy", "chrf", "evaluate_task", "exact_match",
-           "extract_answer", "generate_greedy", "heldout_loss", "label_logprobs", "last_number",
-           "normalize_number", "parse_choice", "rouge_l"]
+           "extract_answer", "extract_math_answer", "generate_greedy", "heldout_loss", "label_logprobs",
+           "last_number", "math_match", "normalize_number", "parse_choice", "rouge_l"]
 
 
 

@@ -1,7 +1,9 @@
 """Tasks: a data set read through `read_pool` and one metric family applied to a model.
 
 - `loss`: held-out NLL of the reference responses (per token and per example);
-- `exact_match`: greedy generation, numeric final answer vs the reference's (GSM8K `####`);
+- `exact_match`: greedy generation, final answer vs the reference's: numeric (GSM8K `####`,
+  answers.py) or, with `answer: math`, LaTeX / boxed / fractions through math-verify
+  (math_answers.py);
 - `multiple_choice`: option log-likelihood (MedQA, MedMCQA, PubMedQA layouts, see choice.py);
 - `rouge`: greedy generation vs reference summary, ROUGE-L;
 - `chrf`: greedy generation vs reference translation, chrF.
@@ -40,10 +42,21 @@ class TaskConfig:
     """Token budget of one batch (generation: prompt + max_new_tokens per row)."""
     choice_target: Literal["letter_text", "letter", "text"] = "letter_text"
     """multiple_choice: what each candidate answer is: `B. text`, `B`, or the option text."""
+    answer: Literal["gsm8k", "math"] = "gsm8k"
+    """exact_match: how final answers are read and compared. `gsm8k`: the number after the last
+    `####`, else the last number, compared as numbers (`\\frac{3}{4}` reads as 4). `math`: a
+    `\\boxed{}` answer, else the last LaTeX or plain expression, through math-verify (the `math`
+    extra): `\\boxed{\\frac{3}{4}}` and `x = 3/4` read as 3/4, `1e3` as 1000, and answers are
+    compared as math (0.75 == 3/4)."""
 
     def __post_init__(self) -> None:
         check_choice("eval.task", self.task, TASKS)
         check_choice("eval.choice_target", self.choice_target, ("letter_text", "letter", "text"))
+        check_choice("eval.answer", self.answer, ("gsm8k", "math"))
+        if self.answer == "math" and self.task == "exact_match":
+            from mechsieve.evaluate.math_answers import require_math_verify
+
+            require_math_verify()  # a missing extra fails here, before any model is loaded
         check_positive("eval.max_new_tokens", self.max_new_tokens)
         check_positive("eval.max_tokens", self.max_tokens)
         if not self.data.path:
@@ -89,6 +102,9 @@ def evaluate_task(loaded: LoadedModel, task: TaskConfig, render_cfg: RenderConfi
                                     progress=progress)
         refs = [ex.response for ex in examples]
         if task.task == "exact_match":
+            if task.answer == "math":
+                from mechsieve.evaluate.math_answers import extract_math_answer as extract_answer
+                from mechsieve.evaluate.math_answers import math_match as exact_match
             hits = [exact_match(g, r) for g, r in zip(generated, refs)]
             extracted = [extract_answer(g) for g in generated]
             metrics = {"accuracy": sum(hits) / len(hits), "examples": len(hits),
@@ -101,6 +117,8 @@ def evaluate_task(loaded: LoadedModel, task: TaskConfig, render_cfg: RenderConfi
         outputs["generated"] = generated
     result = {"task": task.task, "name": task.label(), "data": pool.path, "fingerprint": pool.fingerprint(),
               "metrics": metrics, "seconds": round(time.perf_counter() - start, 3)}
+    if task.task == "exact_match":
+        result["answer"] = task.answer
     if keep_outputs:
         result["outputs"] = {"ids": [ex.id for ex in examples], **outputs}
     return result

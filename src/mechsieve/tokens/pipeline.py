@@ -4,9 +4,16 @@
 shard (resumable; on Ray actors with engine.executor=ray) and decides the masks here over the
 whole pool. `write_masked` writes what `mechsieve mask-tokens` writes: a `datasets.save_to_disk`
 dataset with columns input_ids, labels (-100 on prompt and masked tokens), completion_mask (1
-where the loss is taken, what TRL's collator reads), the per-token scores ri, kn, tr (NaN where
-not scored), mask_reason (bit flags 1=RI, 2=KN, 4=TR) and id; plus summary.json (masked share per
-attribute, overlaps, the most-masked examples).
+where the loss is taken, i.e. labels != -100), the per-token scores ri, kn, tr (NaN where not
+scored), mask_reason (bit flags 1=RI, 2=KN, 4=TR) and id; the same table as
+parquet/train.parquet (what `datasets.load_dataset` and `trl sft --dataset_name OUT/parquet` read;
+both refuse a save_to_disk folder); plus summary.json (masked share per attribute, overlaps, the
+most-masked examples).
+
+TRL (1.16) trains on the labels column as it is: its collator, DataCollatorForLanguageModeling,
+reads only input_ids and labels (it pads labels with -100), and SFTTrainer builds labels from
+completion_mask only for data without a labels column (and only with completion_only_loss).
+completion_mask is there for such readers; the labels carry the masks.
 """
 
 from __future__ import annotations
@@ -72,9 +79,14 @@ def mask_examples_sharded(model: Any, examples: Sequence[Example], cfg: XtfConfi
                    round(time.perf_counter() - start, 2))
 
 
-def write_masked(out: str | Path, run: MaskRun, tokenizer: Any, settings: dict[str, Any], top: int = 5
-                 ) -> dict[str, Any]:
-    """Write the tokenized dataset (+ scores) and summary.json to `out`; return the summary."""
+PARQUET = "parquet/train.parquet"
+"""Where in the output folder the Parquet copy goes (a folder of its own: see the module docstring)."""
+
+
+def write_masked(out: str | Path, run: MaskRun, tokenizer: Any, settings: dict[str, Any], top: int = 5,
+                 parquet: bool = True) -> dict[str, Any]:
+    """Write the tokenized dataset (+ scores), its Parquet copy (`parquet`) and summary.json to
+    `out`; return the summary."""
     from mechsieve.train import TrainItem, save_tokenized
 
     labels = run.masks.labels(run.rendered)
@@ -85,7 +97,9 @@ def write_masked(out: str | Path, run: MaskRun, tokenizer: Any, settings: dict[s
     for name, values in run.scores.scores.items():
         extra[name] = _float_lists(values)
     out = Path(out)
-    save_tokenized(out, items, extra=extra)
+    save_tokenized(out, items, extra=extra, parquet=out / PARQUET if parquet else None)
+    if not parquet:  # a copy left by an earlier run would no longer match the dataset
+        (out / PARQUET).unlink(missing_ok=True)
     summary = {"settings": settings, "render": run.render_summary, "seconds": run.seconds,
                "scoring": run.scores.info, "decision": run.masks.info,
                **mask_counts(run.scores, run.masks),

@@ -4,6 +4,11 @@ A `TrainItem` is what the trainer consumes and what a token masker (XTF) writes:
 `input_ids[t]` where the loss is taken and -100 elsewhere (prompt tokens, masked tokens,
 padding). Labels are aligned with the ids, as in Hugging Face: the logits at `t - 1` predict
 `labels[t]`. Collation pads ids and labels side by side, so a mask always reaches the loss.
+
+Tokenized files are read with their `labels` as given, or TRL-style without labels: then the
+labels are built from TRL's mask columns as TRL's SFTTrainer builds them (`input_ids[t]` where
+every mask column, `completion_mask` / `assistant_masks`, is 1, and `attention_mask` when given
+is not 0; -100 elsewhere).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from mechsieve.data.records import Example
 from mechsieve.data.render import RenderConfig, render_pool
 
 IGNORE = -100
+LABEL_MASKS = ("completion_mask", "assistant_masks")
+"""TRL's per-token mask columns (1: the loss is taken on the token), read when there are no labels."""
 
 
 @dataclass
@@ -84,11 +91,16 @@ def collate_items(items: Sequence[TrainItem], indices: Sequence[int], pad_id: in
     return ItemBatch(torch.from_numpy(ids), torch.from_numpy(labels), att_t, position_ids(att_t), list(indices))
 
 
-def save_tokenized(path: str | Path, items: Sequence[TrainItem], extra: dict[str, list] | None = None) -> Path:
+def save_tokenized(path: str | Path, items: Sequence[TrainItem], extra: dict[str, list] | None = None,
+                   parquet: str | Path | None = None) -> Path:
     """Write items as a `datasets.save_to_disk` dataset in folder `path`: columns input_ids,
     labels (+ extra). The dataset's files are swapped into the folder one by one (each whole, the
     state file last); other files there are kept, and the data files of a dataset saved there
-    before are removed only when the new one does not reuse their names."""
+    before are removed only when the new one does not reuse their names.
+
+    `parquet`: also write the same table (columns, features) to this Parquet file, atomically.
+    `datasets.load_dataset` and `trl sft --dataset_name` refuse a folder holding a save_to_disk
+    dataset, so the Parquet copy goes to its own folder (`mask-tokens` uses `parquet/train.parquet`)."""
     import os
     import shutil
     import tempfile
@@ -129,6 +141,11 @@ def save_tokenized(path: str | Path, items: Sequence[TrainItem], extra: dict[str
             (path / name).unlink(missing_ok=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if parquet is not None:
+        from mechsieve.store.atomic import atomic_path
+
+        with atomic_path(parquet) as tmp_file, progress_bars_off("datasets"):
+            ds.to_parquet(tmp_file)
     return path
 
 
@@ -142,12 +159,13 @@ def _saved_data_files(folder: Path) -> set[str]:
 
 
 def is_tokenized(path: str | Path) -> bool:
-    """Whether `path` holds tokenized items (input_ids and labels columns) rather than records."""
+    """Whether `path` holds tokenized items (input_ids with labels, or with TRL's completion_mask /
+    assistant_masks) rather than records."""
     try:
-        columns = _columns(Path(path))
+        columns = set(_columns(Path(path)))
     except Exception:
         return False
-    return {"input_ids", "labels"} <= set(columns)
+    return "input_ids" in columns and bool(columns & {"labels", *LABEL_MASKS})
 
 
 def _columns(path: Path) -> list[str]:
@@ -172,27 +190,31 @@ def _columns(path: Path) -> list[str]:
 
 
 def load_tokenized(path: str | Path) -> list[TrainItem]:
-    """Read items from a save_to_disk folder, a .parquet or a .jsonl with input_ids and labels."""
+    """Read items from a save_to_disk folder, a .parquet or a .jsonl: input_ids with labels, or
+    TRL-style input_ids with completion_mask / assistant_masks (+ attention_mask) and no labels,
+    whose labels are built as TRL builds them (module docstring)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
+    rows: list[tuple[Any, dict[str, Any]]] = []  # (ids, {label column: values}) per row
     if path.is_dir():
         import datasets
 
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-        rows_cols = list(ds.column_names)
-        _check_columns(path, rows_cols)
-        ids, labels = ds["input_ids"], ds["labels"]
+        used = _label_columns(path, list(ds.column_names))
+        columns = {name: list(ds[name]) for name in used}
+        rows = [(ids, {name: columns[name][i] for name in used}) for i, ids in enumerate(list(ds["input_ids"]))]
     elif path.name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
-        _check_columns(path, table.column_names)
-        ids, labels = table.column("input_ids").to_pylist(), table.column("labels").to_pylist()
+        used = _label_columns(path, table.column_names)
+        columns = {name: table.column(name).to_pylist() for name in used}
+        rows = [(ids, {name: columns[name][i] for name in used})
+                for i, ids in enumerate(table.column("input_ids").to_pylist())]
     elif path.name.endswith((".jsonl", ".ndjson")):
-        ids, labels = [], []
         with open(path, encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, start=1):
                 if not line.strip():
@@ -205,33 +227,47 @@ def load_tokenized(path: str | Path) -> list[TrainItem]:
                 if not isinstance(row, dict):
                     raise DataError(f"{path}:{lineno}: expected an object with input_ids and labels, "
                                     f"got {type(row).__name__}")
-                _check_columns(f"{path}:{lineno}", list(row))
-                ids.append(row["input_ids"])
-                labels.append(row["labels"])
+                used = _label_columns(f"{path}:{lineno}", list(row))
+                rows.append((row["input_ids"], {name: row[name] for name in used}))
     else:
         raise DataError(f"{path}: tokenized items come as a save_to_disk folder, .parquet or .jsonl")
-    out = []
-    for row, (a, b) in enumerate(zip(ids, labels)):
-        out.append(_item(path, row, a, b))
-    return out
+    return [_item(path, row, ids, given) for row, (ids, given) in enumerate(rows)]
 
 
-def _item(path: Path, row: int, ids: Any, labels: Any) -> TrainItem:
-    """Row `row` of a tokenized file as an item; DataError naming the row if it is not one."""
-    kinds = "input_ids and labels must be lists of token ids (integers)"
-    try:
-        a, b = np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError, OverflowError) as err:
-        raise DataError(f"{path}: row {row}: {kinds} ({err})") from err
-    if a.ndim != 1 or b.ndim != 1:
-        raise DataError(f"{path}: row {row}: {kinds}; got shapes {a.shape} and {b.shape}")
-    if len(a) != len(b):
-        raise DataError(f"{path}: row {row} has {len(a)} input_ids but {len(b)} labels")
-    return TrainItem(a, b)
+def _item(path: Path, row: int, ids: Any, given: dict[str, Any]) -> TrainItem:
+    """Row `row` of a tokenized file as an item; DataError naming the row if it is not one.
+    `given`: its labels, or TRL's mask columns (and attention_mask) to build them from."""
+    kinds = f"{' and '.join(['input_ids', *given])} must be lists of token ids (integers)"
+    arrays = {}
+    for name, values in {"input_ids": ids, **given}.items():
+        try:
+            arrays[name] = np.asarray(values, dtype=np.int64)
+        except (TypeError, ValueError, OverflowError) as err:
+            raise DataError(f"{path}: row {row}: {kinds} ({err})") from err
+    if any(a.ndim != 1 for a in arrays.values()):
+        shapes = " and ".join(str(a.shape) for a in arrays.values())
+        raise DataError(f"{path}: row {row}: {kinds}; got shapes {shapes}")
+    ids_a = arrays.pop("input_ids")
+    for name, a in arrays.items():
+        if len(a) != len(ids_a):
+            raise DataError(f"{path}: row {row} has {len(ids_a)} input_ids but {len(a)} {name}")
+    if "labels" in arrays:
+        return TrainItem(ids_a, arrays["labels"])
+    keep = np.ones(len(ids_a), dtype=bool)
+    for a in arrays.values():  # the mask columns and attention_mask: 0 means no loss
+        keep &= a != 0
+    return TrainItem(ids_a, np.where(keep, ids_a, IGNORE))
 
 
-def _check_columns(where: Any, columns: list[str]) -> None:
+def _label_columns(where: Any, columns: list[str]) -> list[str]:
+    """The columns labels come from: `labels` when present, else TRL's mask columns (with
+    attention_mask when present); DataError naming what is missing."""
+    if "input_ids" in columns and "labels" in columns:
+        return ["labels"]
+    masks = [c for c in LABEL_MASKS if c in columns]
+    if "input_ids" in columns and masks:
+        return masks + (["attention_mask"] if "attention_mask" in columns else [])
     missing = [c for c in ("input_ids", "labels") if c not in columns]
-    if missing:
-        raise DataError(f"{where}: missing column(s) {missing}; tokenized items need input_ids and labels "
-                         f"(found {sorted(columns)}). A pool of records is read with read_pool instead.")
+    raise DataError(f"{where}: missing column(s) {missing}; tokenized items need input_ids and labels, or "
+                    f"input_ids and TRL's completion_mask (found {sorted(columns)}). A pool of records is read "
+                    "with read_pool instead.")
