@@ -402,3 +402,129 @@ def test_cli_encoding_flag(tmp_path, capsys):
     assert rows[0] == "question,answer" and len(rows) == 3 and all("café" in r for r in rows[1:])
     assert main([*argv[:-1], "--encoding", "nope", "--quiet"]) == 2
     assert "data.encoding='nope'" in capsys.readouterr().err
+
+
+# Chat data as it comes: tool calls, and TRL's standard (non-conversational) prompt/completion.
+
+TOOL_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+TOOL_CHATS = [
+    {"id": "w1", "messages": [{"role": "user", "content": "Weather in Paris?"},
+                              {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
+                              {"role": "tool", "name": "get_weather", "content": {"celsius": 22}},
+                              {"role": "assistant", "content": "It is 22C."}]},
+    {"id": "w2", "messages": [{"role": "user", "content": "Weather in Paris?"},
+                              {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}]},
+    {"id": "p", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+]
+# ChatML that writes tool calls out, as templates that support tools do
+TOOLS_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}{% if m['content'] %}{{ m['content'] }}{% endif %}"
+    "{% for c in m.get('tool_calls', []) %}<tool_call>{{ c['function'] | tojson }}</tool_call>{% endfor %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CALL_TEXT = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+
+
+def _with_template(tokenizer, template):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = template
+    return tok
+
+
+@pytest.mark.parametrize("container", ["jsonl", "parquet"])
+def test_tool_call_chats_are_read_not_refused(tmp_path, container):
+    rows = TOOL_CHATS
+    if container == "parquet":  # a column holds one type: there the tool result is the JSON text
+        rows = json.loads(json.dumps(TOOL_CHATS).replace('{"celsius": 22}', '"{\\"celsius\\": 22}"'))
+    pool = read_pool(_write(tmp_path / f"tools.{container}", rows, container))
+    assert [e.id for e in pool.examples] == ["w1", "w2", "p"] and not pool.skipped
+    w1, w2, _ = pool.examples
+    assert w1.prompt == [{"role": "user", "content": "Weather in Paris?"},
+                         {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]},
+                         {"role": "tool", "content": '{"celsius": 22}', "name": "get_weather"}]
+    assert (w1.response, w1.tool_calls) == ("It is 22C.", [])
+    assert (w2.prompt, w2.response, w2.tool_calls) == ([{"role": "user", "content": "Weather in Paris?"}], "",
+                                                       [TOOL_CALL])
+    # an answer that only calls tools is content too: another call is another id
+    other = {"type": "function", "function": {"name": "get_time", "arguments": {}}}
+    assert content_hash(w2.prompt, "", [other]) != content_hash(w2.prompt, "", [TOOL_CALL]) != content_hash(w2.prompt, "")
+
+
+def test_tool_calls_render_through_a_template_that_supports_them(tmp_path, tokenizer):
+    from mechsieve.data import render_example
+
+    tok = _with_template(tokenizer, TOOLS_TEMPLATE)
+    w1, w2, _ = read_pool(_write(tmp_path / "t.jsonl", TOOL_CHATS, "jsonl")).examples
+    r = render_example(w1, tok)
+    assert tok.decode(r.input_ids) == ("<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n"
+                                       f"{CALL_TEXT}<|im_end|>\n<|im_start|>tool\n{{\"celsius\": 22}}<|im_end|>\n"
+                                       "<|im_start|>assistant\nIt is 22C.<|im_end|>\n")
+    assert tok.decode(r.input_ids[r.response_mask]) == f"{CALL_TEXT}<|im_end|>\nIt is 22C.<|im_end|>\n"
+    assert r.fallback == ""
+    r = render_example(w2, tok)
+    assert tok.decode(r.input_ids[r.response_mask]) == f"{CALL_TEXT}<|im_end|>\n"
+    assert tok.decode(r.input_ids[: r.prompt_len]).endswith("<|im_start|>assistant\n")
+
+
+def test_tool_calls_a_template_cannot_render_are_skipped_with_a_count(tmp_path, tokenizer):
+    from mechsieve.data import render_pool
+    from mechsieve.data.render import skip_unrenderable
+
+    path = _write(tmp_path / "t.jsonl", TOOL_CHATS, "jsonl")
+    pool = read_pool(path)
+    kept = skip_unrenderable(pool, tokenizer)  # the fixture's ChatML writes content only
+    assert [e.id for e in kept.examples] == ["p"] and len(pool) == 3
+    assert kept.skipped == [f"{path}:{line} (id {i}): tool calls this tokenizer's chat template does not render: "
+                            "it leaves out the call to 'get_weather'; skipped" for line, i in ((1, "w1"), (2, "w2"))]
+    raising = _with_template(tokenizer, "{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception("
+                                        "'no tool role') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    (why,) = skip_unrenderable(pool, raising).skipped[:1]
+    assert why.endswith("it fails on them (TemplateError: no tool role); skipped") and "(id w1)" in why
+    # rendered anyway (a pool not filtered), they are not refused: plain template, counted
+    rendered, stats = render_pool(pool.examples, tokenizer)
+    assert stats.plain_fallback == 2 and stats.fallback_ids == ["w1", "w2"]
+    assert stats.summary().endswith("2 with tool calls the chat template does not render (rendered with the plain "
+                                    "template instead)")
+    assert tokenizer.decode(rendered[1].input_ids) == f"<s>User: Weather in Paris?\n\nAssistant: {CALL_TEXT}</s>"
+    assert tokenizer.decode(rendered[0].input_ids[rendered[0].response_mask]) == f"{CALL_TEXT}It is 22C.</s>"
+
+
+def test_cli_reads_and_uses_tool_call_chats(tmp_path, capsys, model_dir):
+    from mechsieve.cli import main
+
+    path = _write(tmp_path / "t.jsonl", TOOL_CHATS, "jsonl")
+    assert main(["info", "--pool", str(path), "--model", str(model_dir)]) == 0
+    assert "  records: 3\n" in capsys.readouterr().out
+    out = tmp_path / "sel"
+    assert main(["select", "--method", "random", "--pool", str(path), "--budget", "3", "--out", str(out),
+                 "--quiet"]) == 0
+    assert [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()] == TOOL_CHATS
+
+
+def test_template_none_renders_prompt_plus_completion_as_trl_does(tmp_path, tokenizer):
+    from mechsieve.config import ConfigError
+    from mechsieve.data import RenderConfig, render_example
+
+    prompt, completion = "Natalia sold clips to 48 of her friends.", " The answer is 72"
+    ex = read_pool(write_jsonl(tmp_path / "pc.jsonl", [{"prompt": prompt, "completion": completion}])).examples[0]
+    r = render_example(ex, tokenizer, RenderConfig(template="none"))
+    # TRL, standard format: ids of prompt + completion + EOS; the completion starts where the
+    # prompt's own ids stop being a prefix of them
+    full = tokenizer(prompt + completion + tokenizer.eos_token)["input_ids"]
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    start = next(i for i, (a, b) in enumerate(zip([*prompt_ids, None], full)) if a != b)
+    assert r.input_ids.tolist() == full == [1, 353, 336, 302, 299, 326, 29, 332, 328, 87, 338, 310, 370, 19,
+                                            226, 306, 281, 348, 330, 226, 358, 2]
+    assert r.response_mask.tolist() == [False] * start + [True] * (len(full) - start) and start == 14
+    assert r.prompt_len == 14 and tokenizer.decode(r.input_ids[r.response_mask]) == completion + "</s>"
+    g = render_example(ex, tokenizer, RenderConfig(template="none"), add_generation_prompt=True)
+    assert g.input_ids.tolist() == prompt_ids and not g.response_mask.any()
+    chat = read_pool(_write(tmp_path / "c.jsonl", TOOL_CHATS[2:] + [{"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"}]}], "jsonl")).examples
+    assert render_example(chat[0], tokenizer, RenderConfig(template="none")).input_ids.tolist() == (
+        tokenizer("hi" + "yo" + tokenizer.eos_token)["input_ids"])
+    with pytest.raises(ConfigError, match=r"render\.template=none renders a prompt that is one string .* has a chat "
+                                          r"prompt \(system, user\); set render\.template=auto"):
+        render_example(chat[1], tokenizer, RenderConfig(template="none"))

@@ -3,7 +3,10 @@
 Formats (detected in this order, each can be forced with `format=`):
 - `alpaca`: `instruction`, optional `input`, `output` (also LIMA's `instruction`/`output`);
 - `messages`: chat `messages` (or ShareGPT `conversations` with `from`/`value`); the last
-  assistant turn is the response, earlier ones stay in the prompt;
+  assistant turn is the response, earlier ones stay in the prompt. Tool use comes as transformers'
+  chat templates take it: assistant turns with `tool_calls` (and `content` null or ""), `tool`
+  turns with the results (a JSON value is kept as its JSON text), a record's `tools` schemas in
+  `meta["tools"]`; an answer that only calls tools keeps its calls in `Example.tool_calls`;
 - `prompt_completion`: TRL's `prompt`/`completion`, each a string or a list of messages;
 - `question_answer`: `question`/`answer` (GSM8K);
 - `text`: plain `text`, all of it response (language-model style);
@@ -18,6 +21,7 @@ chat that ends on a user turn, a mapping without `response=`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,7 +31,9 @@ FORMATS = ("alpaca", "messages", "prompt_completion", "question_answer", "text",
 ID_FIELDS = ("id", "task_id", "uid", "idx")
 MAPPING_KEYS = ("prompt", "response", "id", "system", "source")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "system": "system", "model": "assistant"}
+                   "system": "system", "model": "assistant", "tool": "tool", "observation": "tool",
+                   "function_call": "assistant"}
+_TOOL_FIELDS = ("name", "tool_call_id")  # kept on a tool turn: templates name the call it answers
 
 
 class RecordError(ValueError):
@@ -79,7 +85,7 @@ def _text(record: Mapping[str, Any], field: str, optional: bool = False) -> str:
     return value
 
 
-def _messages(value: Any, field: str) -> list[dict[str, str]]:
+def _messages(value: Any, field: str) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise RecordError(field, "a non-empty list of {role, content} messages", value)
     out = []
@@ -94,21 +100,35 @@ def _messages(value: Any, field: str) -> list[dict[str, str]]:
             raise RecordError(f"{field}[{i}]", "a message with 'role' and 'content'", msg)
         if role not in ROLES:
             raise RecordError(f"{field}[{i}].role", f"one of {list(ROLES)}", role)
+        calls = msg.get("tool_calls") if role == "assistant" else None
+        if calls is not None and calls != []:
+            if not isinstance(calls, list) or not all(isinstance(c, Mapping) for c in calls):
+                raise RecordError(f"{field}[{i}].tool_calls", "a list of {type, function: {name, arguments}} "
+                                  "tool calls", calls)
+            content = "" if content is None else content
+        elif role == "tool" and isinstance(content, (Mapping, list)):
+            content = json.dumps(content, ensure_ascii=False)
         if not isinstance(content, str):
             raise RecordError(f"{field}[{i}].content", "a string", content)
-        out.append({"role": role, "content": content})
+        message: dict[str, Any] = {"role": role, "content": content}
+        if calls:
+            message["tool_calls"] = [dict(c) for c in calls]
+        if role == "tool":
+            message.update({k: msg[k] for k in _TOOL_FIELDS if isinstance(msg.get(k), str)})
+        out.append(message)
     return out
 
 
-def _split_chat(messages: list[dict[str, str]], field: str) -> tuple[list[dict[str, str]], str]:
-    """Prompt = everything before the last assistant turn; response = that turn."""
+def _split_chat(messages: list[dict[str, Any]], field: str
+                ) -> tuple[list[dict[str, Any]], str, list[dict[str, Any]]]:
+    """Prompt = everything before the last assistant turn; response = that turn (its text, its tool calls)."""
     if messages[-1]["role"] != "assistant":
-        # A chat that ends on the user is a prompt-only record.
-        return messages, ""
+        # A chat that ends on the user (or on a tool result) is a prompt-only record.
+        return messages, "", []
     prompt = messages[:-1]
     if not prompt:
         raise RecordError(field, "at least one user message before the assistant reply", messages)
-    return prompt, messages[-1]["content"]
+    return prompt, messages[-1]["content"], messages[-1].get("tool_calls", [])
 
 
 def to_example(
@@ -120,6 +140,7 @@ def to_example(
 ) -> Example:
     """Convert one raw record in format `fmt` to an Example (id given, else a content hash)."""
     system = ""
+    calls: list[dict[str, Any]] = []  # tool calls of the response
     response_field: str | None  # the field the response comes from; None for a prompt-only record
     if fmt == "alpaca":
         instruction = _text(record, "instruction")
@@ -131,7 +152,7 @@ def to_example(
     elif fmt == "messages":
         field = "conversations" if record.get("messages") is None and "conversations" in record else "messages"
         chat = _messages(record.get(field), field)
-        prompt, response = _split_chat(chat, field)
+        prompt, response, calls = _split_chat(chat, field)
         response_field = field if chat[-1]["role"] == "assistant" else None
     elif fmt == "prompt_completion":
         raw_prompt, raw_completion = record.get("prompt"), record.get("completion")
@@ -141,9 +162,15 @@ def to_example(
             prompt = [{"role": "user", "content": _text(record, "prompt")}]
         if isinstance(raw_completion, list):
             turns = _messages(raw_completion, "completion")
-            if any(t["role"] != "assistant" for t in turns):
+            if any(t["role"] == "tool" or t.get("tool_calls") for t in turns):
+                # an agent's completion: its calls and their results lead up to the final turn
+                if turns[-1]["role"] != "assistant":
+                    raise RecordError("completion", "a completion that ends on an assistant turn", raw_completion)
+                prompt, response, calls = [*prompt, *turns[:-1]], turns[-1]["content"], turns[-1].get("tool_calls", [])
+            elif any(t["role"] != "assistant" for t in turns):
                 raise RecordError("completion", "assistant messages only", raw_completion)
-            response = "".join(t["content"] for t in turns)
+            else:
+                response = "".join(t["content"] for t in turns)
         else:
             response = _text(record, "completion")
         response_field = "completion"
@@ -176,7 +203,7 @@ def to_example(
             source = _text(record, mapping["source"])
     else:
         raise RecordError("<format>", f"one of {list(FORMATS)}", fmt)
-    if response_field and not response.strip():
+    if response_field and not response.strip() and not calls:
         raise RecordError(response_field, "a non-empty response", response,
                           problem="empty response (an example without one has nothing to train on or score)")
 
@@ -187,8 +214,8 @@ def to_example(
              "question", "answer", "text", "system", *(mapping or {}).values()}
     meta = {k: v for k, v in record.items() if k not in known and _jsonable(v)}
     meta["row"] = row
-    return Example(id=ex_id or content_hash(prompt, response), source=source, prompt=prompt,
-                   response=response, meta=meta)
+    return Example(id=ex_id or content_hash(prompt, response, calls), source=source, prompt=prompt,
+                   response=response, meta=meta, tool_calls=calls)
 
 
 def _record_id(record: Mapping[str, Any], mapping: Mapping[str, str] | None) -> str | None:

@@ -1,5 +1,9 @@
 """Read a pool of examples from JSONL, JSON arrays, Parquet, CSV, a `datasets` folder or a hub id.
 
+Hub ids and dataset folders are read as users name them (data/hub.py): a split as datasets spells
+it (`train[:1000]`, `train[10%:20%]`; the slice applies to files and saved datasets too), a config
+name (`subset`), a `revision`, `data_files`, and `streaming`.
+
 Errors point at the record: `file:line` for JSONL, JSON and CSV, `file:row N` for Parquet and
 saved datasets, with the field and what was expected. `skip_invalid=True` skips such records,
 counts them and keeps their messages in `Pool.skipped`.
@@ -18,7 +22,6 @@ import contextlib
 import csv
 import gzip
 import json
-import os
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -27,9 +30,18 @@ from typing import Any, Literal
 
 from mechsieve.config import ConfigError, check_choice
 from mechsieve.data.formats import FORMATS, RecordError, detect_format, to_example
+from mechsieve.data.hub import (
+    BUILDERS,
+    check_dataset_settings,
+    is_dataset_folder,
+    load_split,
+    parse_split,
+    saved_split,
+    slice_rows,
+)
 from mechsieve.data.records import Example, Pool, make_unique_ids
 
-CONTAINERS = ("jsonl", "json", "parquet", "csv", "disk", "hub")
+CONTAINERS = ("jsonl", "json", "parquet", "csv", "disk", "datasets", "hub")
 _GENERIC_STEMS = {"train", "test", "validation", "valid", "dev", "data", "dataset", "eval"}
 
 
@@ -42,7 +54,9 @@ class DataConfig:
     """Where a pool comes from and how to read it."""
 
     path: str = ""
-    """A file (.jsonl, .json, .parquet, .csv, optionally .gz), a `save_to_disk` folder, or a hub id."""
+    """A file (.jsonl, .json, .parquet, .csv, optionally .gz), a `save_to_disk` folder, a hub id, a
+    folder of data files `datasets.load_dataset` reads (hub layout, its README naming the subsets), or
+    with `data_files` a datasets builder name (parquet, json, csv, arrow, text)."""
     format: Literal["auto", "alpaca", "messages", "prompt_completion", "question_answer", "text", "mapping"] = "auto"
     """Record layout; `auto` detects it from the first record."""
     field_map: dict[str, str] = field(default_factory=dict)
@@ -54,7 +68,22 @@ class DataConfig:
     limit: int = 0
     """Read at most this many valid records (0 = all)."""
     split: str = "train"
-    """Split to read, for hub ids and for a saved DatasetDict folder (its subset keeps that split)."""
+    """Split to read, as datasets spells it: `train`, `test`, or a slice such as `train[:1000]`,
+    `train[100:200]`, `train[10%:20%]`, `train[-50:]`. Hub ids, dataset folders and saved DatasetDict
+    folders read that split (a subset of a DatasetDict keeps it); a file or a single saved Dataset is
+    one split, so only the slice applies. Rows are counted in the whole split."""
+    subset: str = ""
+    """Config name of a hub dataset or dataset folder (datasets' `name`): `openai/gsm8k` has `main`
+    and `socratic` and no default. Default: the dataset's default config."""
+    revision: str = ""
+    """Revision of a hub dataset: a branch, tag or commit. Default: the main branch."""
+    data_files: str | list[str] | dict[str, str | list[str]] = ""
+    """Files of a hub dataset or dataset folder to read (glob patterns relative to it), or the files a
+    builder name as path reads; a mapping {split: pattern(s)} names each file's split."""
+    streaming: bool = False
+    """Stream a hub dataset or dataset folder (datasets' streaming=True): records are taken as they
+    come, up to `limit`, without preparing the whole split; a slice then needs absolute rows. Files
+    and save_to_disk folders are read from disk as they are."""
     encoding: str = "utf-8"
     """Text encoding of JSONL, JSON and CSV files (utf-8, latin-1, cp1252, ...; any encoding that
     keeps ASCII as is). A UTF-8 byte-order mark is skipped. Subsets are written in UTF-8."""
@@ -66,6 +95,7 @@ class DataConfig:
         if self.limit < 0:
             raise ConfigError(f"data.limit={self.limit} must be >= 0")
         check_encoding("data.encoding", self.encoding)
+        parse_split(self.split)
 
 
 _ASCII_PROBE = '\n\r\t {}[]",:azAZ09'
@@ -85,8 +115,9 @@ def check_encoding(name: str, encoding: str) -> None:
                           f"(UTF-16/32); convert the file first, e.g. iconv -f {encoding} -t utf-8 IN > OUT")
 
 
-def container_of(path: str) -> str:
-    """Guess the container from the path: file suffix, a saved-dataset folder, or a hub id."""
+def container_of(path: str, data_files: bool = False) -> str:
+    """Guess the container from the path: file suffix, a saved-dataset folder, a dataset folder or
+    builder name (`datasets`, read by load_dataset), or a hub id."""
     p = Path(path)
     name = p.name.lower()
     if name.endswith(".gz"):
@@ -94,8 +125,13 @@ def container_of(path: str) -> str:
     if p.is_dir():
         if (p / "dataset_info.json").exists() or (p / "state.json").exists() or (p / "dataset_dict.json").exists():
             return "disk"
-        raise DataError(f"{path}: a folder, but not one written by datasets.save_to_disk "
-                        "(no dataset_info.json / state.json inside)")
+        if data_files or is_dataset_folder(p):
+            return "datasets"
+        raise DataError(f"{path}: a folder, but neither one written by datasets.save_to_disk (no "
+                        "dataset_info.json / state.json inside) nor one holding data files "
+                        "(.parquet, .jsonl, .json, .csv, .arrow) or a dataset card (README.md)")
+    if data_files and path in BUILDERS:
+        return "datasets"
     for suffix in ("jsonl", "json", "parquet", "csv"):
         if name.endswith("." + suffix):
             if not p.exists():
@@ -178,11 +214,26 @@ def _decoded_text(path: str, encoding: str) -> str:
                         "or fix that byte") from None
 
 
-def iter_raw(path: str, container: str, split: str = "train", encoding: str = "utf-8"
+def iter_raw(path: str, container: str, split: str = "train", encoding: str = "utf-8", *,
+             subset: str = "", revision: str = "", data_files: Any = "", streaming: bool = False
              ) -> Iterator[tuple[str, int, Any]]:
-    """Yield (location, row, raw record) for every record; location is `file:line` or `file:row N`.
+    """Yield (location, row, raw record) for every record of the split (and slice) `split`;
+    location is `file:line` or `file:row N`, rows counted in the whole split.
 
     A record that cannot be parsed or decoded comes as an `_Invalid` carrying why."""
+    spec = parse_split(split)
+    if container == "disk":
+        records, start = saved_split(path, spec)
+        yield from _table_rows(path, records, "saved dataset", start)
+    elif container in ("datasets", "hub"):
+        records, start = load_split(path, container, spec, subset, revision, data_files, streaming)
+        yield from _table_rows(path, records, "hub dataset" if container == "hub" else "dataset", start)
+    else:
+        # a file is one split: only the slice applies, its name is not checked
+        yield from slice_rows(lambda: _file_rows(path, container, encoding), spec)
+
+
+def _file_rows(path: str, container: str, encoding: str) -> Iterator[tuple[str, int, Any]]:
     if container == "jsonl":
         row = 0
         for lineno, line, problem in _decoded_lines(path, encoding):
@@ -206,9 +257,6 @@ def iter_raw(path: str, container: str, split: str = "train", encoding: str = "u
         yield from _iter_csv(path, encoding)
     elif container == "parquet":
         yield from _table_rows(path, _parquet_records(path), "Parquet file")
-    elif container in ("disk", "hub"):
-        what = "saved dataset" if container == "disk" else "hub dataset"
-        yield from _table_rows(path, iter(_load_datasets(path, container, split)), what)
     else:
         raise DataError(f"{path}: unknown container {container!r}; expected one of {list(CONTAINERS)}")
 
@@ -316,12 +364,12 @@ def _parquet_records(path: str) -> Iterator[dict[str, Any]]:
         yield from batch.to_pylist()
 
 
-def _table_rows(path: str, records: Iterator[Any], what: str) -> Iterator[tuple[str, int, Any]]:
-    """(location, row, record) of a table's rows; a file Arrow cannot read (cut short by a crash or
-    a copy, or not what its name says) is a DataError naming it, not a traceback."""
+def _table_rows(path: str, records: Iterator[Any], what: str, start: int = 0) -> Iterator[tuple[str, int, Any]]:
+    """(location, row, record) of a table's rows from row `start`; a file Arrow cannot read (cut short
+    by a crash or a copy, or not what its name says) is a DataError naming it, not a traceback."""
     import pyarrow as pa
 
-    row = 0
+    row = start
     while True:
         try:
             record = next(records)
@@ -338,45 +386,6 @@ def _one_line(err: BaseException) -> str:
     return " ".join(f"{type(err).__name__}: {err}".split())
 
 
-def _no_saved_rows(path: str, split: str) -> bool:
-    """Whether a `save_to_disk` folder (or the `split` of a saved DatasetDict) holds no data file:
-    `load_from_disk` fails on such a folder with an IndexError."""
-    folder = Path(path)
-    if (folder / "dataset_dict.json").exists():
-        folder = folder / split
-    try:
-        return json.loads((folder / "state.json").read_text(encoding="utf-8")).get("_data_files") == []
-    except (OSError, ValueError, AttributeError):
-        return False  # no readable state.json: let load_from_disk say what is wrong
-
-
-def _load_datasets(path: str, container: str, split: str):
-    import datasets
-    import pyarrow as pa
-
-    if container == "disk":
-        if _no_saved_rows(path, split):
-            return []  # read_pool: "no records"
-        try:
-            ds = datasets.load_from_disk(path)
-        except (pa.ArrowException, OSError, ValueError, IndexError) as err:
-            raise DataError(f"{path}: not a readable saved dataset ({_one_line(err)}); was it written completely? "
-                            "Save it again with save_to_disk, or check the copy") from None
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise DataError(f"{path}: a DatasetDict without split {split!r}; it has {list(ds)} (set data.split)")
-            ds = ds[split]
-        return ds
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        raise DataError(f"{path}: looks like a hub dataset id, but the hub is offline here "
-                        "(HF_HUB_OFFLINE=1); pass a local file or a save_to_disk folder")
-    try:
-        return datasets.load_dataset(path, split=split)
-    except Exception as err:  # the hub raises many kinds; name the likely causes
-        raise DataError(f"{path}: could not load it as a hub dataset ({type(err).__name__}: {err}); "
-                        "if it is a local file, check the path; offline, pass a local file") from err
-
-
 def read_pool(
     path: str | Path | DataConfig,
     format: str = "auto",
@@ -385,8 +394,11 @@ def read_pool(
     source: str = "",
     limit: int = 0,
     split: str = "train",
+    subset: str = "",
+    streaming: bool = False,
 ) -> Pool:
-    """Read every record at `path` into a Pool of Examples.
+    """Read every record at `path` (of split `split`, config `subset` for hub datasets) into a Pool
+    of Examples; a DataConfig gives every setting.
 
     Raises DataError naming `file:line`, the field and what was expected, unless
     `skip_invalid`, which skips and counts malformed records instead. An empty input is an error.
@@ -395,15 +407,19 @@ def read_pool(
         cfg = path
     else:
         cfg = DataConfig(path=str(path), format=format, field_map=dict(field_map or {}),
-                         skip_invalid=skip_invalid, source=source, limit=limit, split=split)
+                         skip_invalid=skip_invalid, source=source, limit=limit, split=split, subset=subset,
+                         streaming=streaming)
     if not cfg.path:
         raise DataError("no data path given (data.path / --pool)")
-    container = container_of(cfg.path)
+    container = container_of(cfg.path, bool(cfg.data_files))
+    check_dataset_settings(cfg.path, container, cfg.subset, cfg.revision, cfg.data_files)
     src = cfg.source or default_source(cfg.path)
     fmt = None if cfg.format == "auto" else cfg.format
     examples: list[Example] = []
     skipped: list[str] = []
-    for loc, row, record in iter_raw(cfg.path, container, cfg.split, cfg.encoding):
+    records = iter_raw(cfg.path, container, cfg.split, cfg.encoding, subset=cfg.subset, revision=cfg.revision,
+                       data_files=cfg.data_files, streaming=cfg.streaming)
+    for loc, row, record in records:
         if isinstance(record, _Invalid) and record.decoding:
             if not cfg.skip_invalid:
                 raise DataError(f"{loc}: {record.why} (or use --skip-invalid to skip such records)")
@@ -426,8 +442,9 @@ def read_pool(
         why = f"; {len(skipped)} record(s) skipped as invalid, first: {skipped[0]}" if skipped else ""
         raise DataError(f"{cfg.path}: no records{why}")
     renamed = make_unique_ids(examples)
-    return Pool(examples, cfg.path, container, fmt or "auto", skipped, renamed, split=cfg.split,
+    return Pool(examples, cfg.path, container, fmt or "auto", skipped, renamed, split=parse_split(cfg.split).name,
                 encoding=cfg.encoding)
+
 
 
 def _present(record: Any, container: str) -> Any:

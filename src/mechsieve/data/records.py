@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass
@@ -16,28 +16,41 @@ class Example:
     """One fine-tuning example.
 
     `prompt` is a list of chat messages (`{"role", "content"}`) that come before the response; a
-    multi-turn chat keeps its earlier assistant turns here (rendering can train on them too).
-    `response` is the final assistant answer (may be empty for prompt-only records).
-    `meta` carries anything else of the source record; `meta["row"]` is its position in the file.
+    multi-turn chat keeps its earlier assistant turns here (rendering can train on them too). A chat
+    with tools keeps them as transformers' chat templates take them: an assistant turn that calls
+    tools has `tool_calls` (its `content` "" where the record had None), a `tool` turn the result.
+    `response` is the final assistant answer (may be empty for prompt-only records, and for an
+    answer that only calls tools: `tool_calls` then holds its calls).
+    `meta` carries anything else of the source record; `meta["row"]` is its position in the file,
+    `meta["tools"]` the tool schemas of a record that lists them.
     """
 
     id: str
     source: str
-    prompt: list[dict[str, str]]
+    prompt: list[dict[str, Any]]
     response: str
     meta: dict[str, Any] = field(default_factory=dict)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
     def content_hash(self) -> str:
-        return content_hash(self.prompt, self.response)
+        return content_hash(self.prompt, self.response, self.tool_calls)
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "source": self.source, "prompt": self.prompt,
-                "response": self.response, "meta": self.meta}
+        out = {"id": self.id, "source": self.source, "prompt": self.prompt, "response": self.response,
+               "meta": self.meta}
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+        return out
 
 
-def content_hash(prompt: list[dict[str, str]], response: str) -> str:
-    """Stable 16-hex id of the content: the same prompt and response give the same id anywhere."""
-    blob = json.dumps({"prompt": prompt, "response": response}, sort_keys=True, ensure_ascii=False)
+def content_hash(prompt: list[dict[str, Any]], response: str, tool_calls: list[dict[str, Any]] | None = None
+                 ) -> str:
+    """Stable 16-hex id of the content: the same prompt and response give the same id anywhere
+    (the response's tool calls count when there are any; without, the id is as it always was)."""
+    content: dict[str, Any] = {"prompt": prompt, "response": response}
+    if tool_calls:
+        content["tool_calls"] = tool_calls
+    blob = json.dumps(content, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
@@ -47,11 +60,11 @@ class Pool:
 
     examples: list[Example]
     path: str
-    container: str  # jsonl | json | parquet | csv | disk | hub | memory
+    container: str  # jsonl | json | parquet | csv | disk | datasets | hub | memory
     format: str  # alpaca | messages | prompt_completion | question_answer | text | mapping
     skipped: list[str] = field(default_factory=list)  # "file:line: why" of records skipped
     duplicate_ids: int = 0
-    split: str = "train"  # the split read, for hub ids and DatasetDict folders
+    split: str = "train"  # the split read (its name; rows count in the whole split), for hub ids and DatasetDicts
     encoding: str = "utf-8"  # of the text file, to read its raw records again when writing a subset
 
     def __len__(self) -> int:
@@ -68,8 +81,8 @@ class Pool:
         h = hashlib.sha256()
         for ex in self.examples:
             meta = {k: v for k, v in ex.meta.items() if k != "row"}
-            h.update(json.dumps([ex.id, ex.source, ex.prompt, ex.response, meta], ensure_ascii=False,
-                                sort_keys=True, default=repr).encode())
+            fields = [ex.id, ex.source, ex.prompt, ex.response, meta] + ([ex.tool_calls] if ex.tool_calls else [])
+            h.update(json.dumps(fields, ensure_ascii=False, sort_keys=True, default=repr).encode())
             h.update(b"\n")
         return h.hexdigest()[:16]
 

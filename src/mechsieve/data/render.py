@@ -1,7 +1,13 @@
 """Rendering: an Example -> token ids with a response mask.
 
 The tokenizer's chat template is used when it has one (plain `text` records excepted), a plain
-`User:` / `Assistant:` template otherwise. Response tokens are found by character spans: the
+`User:` / `Assistant:` template otherwise; `template="none"` renders no template at all, as TRL
+renders its standard (non-conversational) format: text = prompt + response, the response's tokens
+trained. Chats with tool calls go through the chat template with their `tool_calls`, `tool` turns
+and the record's `tools`; a template that fails on them or leaves a call or a result out of the
+text cannot render them: `skip_unrenderable` drops such examples from a pool (counted in its
+`skipped`), and an example rendered anyway gets the plain template, counted in RenderStats.
+Response tokens are found by character spans: the
 assistant turn's text is located by rendering the chat up to the turn with and without it, and
 every token whose characters overlap it is a response token (the end-of-turn marker included, so
 the model learns to stop). Truncation to `max_len` keeps the start, and is counted, never silent.
@@ -10,14 +16,15 @@ the model learns to stop). Truncation to `max_len` keeps the start, and is count
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
 
 from mechsieve.config import ConfigError, check_choice
-from mechsieve.data.records import Example
+from mechsieve.data.records import Example, Pool
 
 
 @dataclass
@@ -26,17 +33,19 @@ class RenderConfig:
 
     max_len: int = 512
     """Longest sequence kept; longer ones are cut at the end and counted as truncated."""
-    template: Literal["auto", "chat", "plain"] = "auto"
-    """`auto`: the tokenizer's chat template when it has one; `plain`: `User:`/`Assistant:` text."""
+    template: Literal["auto", "chat", "plain", "none"] = "auto"
+    """`auto`: the tokenizer's chat template when it has one; `plain`: `User:`/`Assistant:` text;
+    `none`: no template, as TRL renders plain-string prompt/completion records: text = prompt +
+    response (for examples whose prompt is one user message, or none)."""
     response_turns: Literal["all", "last"] = "all"
     """Which assistant turns of a multi-turn chat count as response tokens."""
     add_eos: bool = True
-    """Plain template: end the response with the tokenizer's EOS token."""
+    """Plain and no template: end the response with the tokenizer's EOS token."""
 
     def __post_init__(self) -> None:
         if self.max_len < 2:
             raise ConfigError(f"render.max_len={self.max_len} must be at least 2")
-        check_choice("render.template", self.template, ("auto", "chat", "plain"))
+        check_choice("render.template", self.template, ("auto", "chat", "plain", "none"))
         check_choice("render.response_turns", self.response_turns, ("all", "last"))
 
 
@@ -46,7 +55,8 @@ class Rendered:
 
     input_ids: [t] int64; response_mask: [t] bool (True on tokens the loss is taken on);
     prompt_len: index of the first token of the final response (the token before it is the
-    "last prompt token"); content_start: first token that is not a special token.
+    "last prompt token"); content_start: first token that is not a special token; fallback: why
+    the chat template could not render this example's tool calls (it was rendered plain), else "".
     """
 
     input_ids: np.ndarray
@@ -54,6 +64,7 @@ class Rendered:
     prompt_len: int
     content_start: int
     truncated: bool = False
+    fallback: str = ""
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -71,12 +82,17 @@ class RenderStats:
     truncated: int = 0
     truncated_ids: list[str] = field(default_factory=list)
     no_response_left: int = 0
+    plain_fallback: int = 0
+    fallback_ids: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         text = (f"{self.examples} examples, {self.tokens} tokens ({self.response_tokens} response); "
                 f"{self.truncated} truncated to max_len")
         if self.no_response_left:
             text += f", {self.no_response_left} with no response token left after truncation"
+        if self.plain_fallback:
+            text += (f", {self.plain_fallback} with tool calls the chat template does not render (rendered "
+                     "with the plain template instead)")
         return text
 
 
@@ -110,13 +126,21 @@ def render_example(ex: Example, tokenizer: Any, cfg: RenderConfig | None = None,
     if cfg.template == "chat" and not has_chat_template(tokenizer):
         raise ConfigError("render.template=chat, but the tokenizer has no chat template; use auto or plain")
     response = "" if add_generation_prompt else ex.response
-    if use_chat:
-        text, spans, prompt_end = _chat_text(ex.prompt, response, tokenizer, cfg.response_turns)
+    calls = [] if add_generation_prompt else ex.tool_calls
+    fallback, chat = _chat_with_tools(ex, response, calls, tokenizer, cfg.response_turns) if use_chat else ("", None)
+    if cfg.template == "none" and has_tools(ex):
+        fallback = "render.template=none renders text without roles, and tool calls need them"
+    if chat is not None and not fallback:
+        text, spans, prompt_end = chat
         bos, eos = [], []
     else:
-        text, spans, prompt_end = _plain_text(ex.prompt, response, cfg.response_turns, bool(ex.prompt))
+        if cfg.template == "none" and not fallback:
+            text, spans, prompt_end = _raw_text(ex, response)
+        else:  # the plain template: no chat template, or one that cannot render these tool calls
+            text, spans, prompt_end = _plain_text(ex.prompt, response, cfg.response_turns, bool(ex.prompt), calls)
         bos = [tokenizer.bos_token_id] if _wants_bos(tokenizer) else []
-        eos = [tokenizer.eos_token_id] if (cfg.add_eos and response and tokenizer.eos_token_id is not None) else []
+        eos = [tokenizer.eos_token_id] if (cfg.add_eos and (response or calls) and tokenizer.eos_token_id is not None
+                                           ) else []
     ids, mask, first_resp = _tokenize_with_spans(tokenizer, text, spans, prompt_end)
     ids = bos + ids + eos
     mask = [False] * len(bos) + mask + [True] * len(eos)
@@ -128,7 +152,7 @@ def render_example(ex: Example, tokenizer: Any, cfg: RenderConfig | None = None,
         ids, mask = ids[: cfg.max_len], mask[: cfg.max_len]
         prompt_len = min(prompt_len, cfg.max_len)
     return Rendered(np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool), prompt_len,
-                    min(content_start, len(ids) - 1), truncated)
+                    min(content_start, len(ids) - 1), truncated, fallback)
 
 
 def render_pool(examples: Sequence[Example], tokenizer: Any, cfg: RenderConfig | None = None,
@@ -147,7 +171,43 @@ def render_pool(examples: Sequence[Example], tokenizer: Any, cfg: RenderConfig |
             stats.truncated_ids.append(ex.id)
             if ex.response and not r.response_mask.any():
                 stats.no_response_left += 1
+        if r.fallback:
+            stats.plain_fallback += 1
+            stats.fallback_ids.append(ex.id)
     return out, stats
+
+
+def has_tools(ex: Example) -> bool:
+    """Whether `ex` calls tools (in its response or an earlier turn) or holds a tool result."""
+    return bool(ex.tool_calls) or any(m.get("tool_calls") or m["role"] == "tool" for m in ex.prompt)
+
+
+def skip_unrenderable(pool: Pool, tokenizer: Any, cfg: RenderConfig | None = None) -> Pool:
+    """`pool` without the examples whose tool calls this tokenizer's chat template cannot render;
+    each is named in the returned pool's `skipped` (`file:row N`, its id and why), as
+    --skip-invalid names the records it skips. Other examples are kept as they are."""
+    kept, dropped = [], []
+    for ex in pool.examples:
+        why = render_example(ex, tokenizer, cfg).fallback if has_tools(ex) else ""
+        if why:
+            dropped.append((ex, why))
+        else:
+            kept.append(ex)
+    where = _locations(pool, {ex.meta.get("row") for ex, _ in dropped})
+    skipped = [f"{where.get(ex.meta.get('row'), pool.path)} (id {ex.id}): tool calls this tokenizer's chat template "
+               f"does not render: {why}; skipped" for ex, why in dropped]
+    return replace(pool, examples=kept, skipped=[*pool.skipped, *skipped])
+
+
+def _locations(pool: Pool, rows: set[Any]) -> dict[Any, str]:
+    """`file:line` of the given rows of a text file, `file:row N` of a table's (never re-read)."""
+    if not rows:
+        return {}
+    if pool.container not in ("jsonl", "json", "csv"):
+        return {row: f"{pool.path}:row {row}" for row in rows if row is not None}
+    from mechsieve.data.readers import iter_raw
+
+    return {row: loc for loc, row, _ in iter_raw(pool.path, pool.container, encoding=pool.encoding) if row in rows}
 
 
 def _wants_bos(tokenizer: Any) -> bool:
@@ -157,15 +217,55 @@ def _wants_bos(tokenizer: Any) -> bool:
     return bool(probe) and probe[0] == tokenizer.bos_token_id
 
 
-def _chat_text(prompt: list[dict[str, str]], response: str, tokenizer: Any, turns: str
+def _chat_with_tools(ex: Example, response: str, calls: list[dict[str, Any]], tokenizer: Any, turns: str
+                     ) -> tuple[str, tuple[str, list[tuple[int, int]], int] | None]:
+    """(why the chat template cannot render `ex`'s tool calls or "", its chat text and spans).
+    Without tools, errors of the template are the caller's as before."""
+    if not has_tools(ex):
+        return "", _chat_text(ex.prompt, response, tokenizer, turns, calls, _record_tools(ex))
+    try:
+        chat = _chat_text(ex.prompt, response, tokenizer, turns, calls, _record_tools(ex))
+    except Exception as err:  # a template raises what it likes on a role or a field it does not know
+        return f"it fails on them ({' '.join(f'{type(err).__name__}: {err}'.split())[:200]})", None
+    return _left_out(chat[0], ex.prompt, calls), chat
+
+
+def _record_tools(ex: Example) -> list[dict[str, Any]] | None:
+    """The record's `tools` schemas (a list, or its JSON text as TRL accepts), for the template."""
+    tools = ex.meta.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError:
+            return None
+    return tools if isinstance(tools, list) and tools and all(isinstance(t, dict) for t in tools) else None
+
+
+def _left_out(text: str, prompt: list[dict[str, Any]], calls: list[dict[str, Any]]) -> str:
+    """What of the tool calls and results the rendered `text` leaves out, or ""."""
+    for call in [c for m in prompt for c in m.get("tool_calls", [])] + list(calls):
+        name = _call_json(call)["name"]
+        if isinstance(name, str) and name not in text:
+            return f"it leaves out the call to {name!r}"
+    for msg in prompt:
+        content = msg["content"].strip()
+        if msg["role"] == "tool" and content and content not in text and json.dumps(content)[1:-1] not in text:
+            return f"it leaves out the tool result {content[:40]!r}"
+    return ""
+
+
+def _chat_text(prompt: list[dict[str, Any]], response: str, tokenizer: Any, turns: str,
+               calls: list[dict[str, Any]] | None = None, tools: list[dict[str, Any]] | None = None,
                ) -> tuple[str, list[tuple[int, int]], int]:
     """Full chat text, char spans of the response turns, and where the final response starts."""
-    messages = [*prompt, {"role": "assistant", "content": response}] if response else list(prompt)
+    final: dict[str, Any] = {"role": "assistant", "content": response, **({"tool_calls": calls} if calls else {})}
+    messages = [*prompt, final] if response or calls else list(prompt)
+    extra = {"tools": tools} if tools else {}
 
-    def fmt(msgs: list[dict[str, str]], gen: bool) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    def fmt(msgs: list[dict[str, Any]], gen: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen, **extra)
 
-    if not response:
+    if not (response or calls):
         text = fmt(messages, True)
         return text, [], len(text)
     full = fmt(messages, False)
@@ -182,42 +282,69 @@ def _chat_text(prompt: list[dict[str, str]], response: str, tokenizer: Any, turn
             # property: fall back to finding the turn's text itself.
             content = messages[i]["content"]
             start = full.find(content, search_from)
-            if start < 0:
+            if start < 0 or (not content and messages[i].get("tool_calls")):
                 raise ConfigError(f"cannot locate assistant turn {i} ({content[:40]!r}) in the rendered chat "
                                   "template: it rewrites that turn (as templates that drop reasoning do); set "
                                   "render.response_turns=last to learn from the final turn only, or "
                                   "render.template=plain")
             spans.append((start, start + len(content)))
         search_from = spans[-1][1]
-    prompt_end = spans[-1][0] if response else len(full)
+    prompt_end = spans[-1][0]
     return full, spans, prompt_end
 
 
-_PLAIN_ROLE = {"system": "System", "user": "User", "assistant": "Assistant"}
+_PLAIN_ROLE = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
 
 
-def _plain_text(prompt: list[dict[str, str]], response: str, turns: str, has_prompt: bool
-                ) -> tuple[str, list[tuple[int, int]], int]:
+def _call_json(call: dict[str, Any]) -> dict[str, Any]:
+    """{name, arguments} of a tool call in OpenAI's layout ({type, function: {...}}) or flat."""
+    function = call.get("function") if isinstance(call.get("function"), dict) else call
+    return {"name": function.get("name"), "arguments": function.get("arguments")}
+
+
+def _with_calls(content: str, calls: list[dict[str, Any]]) -> str:
+    """A turn's text in the plain template: its content, then each call as Hermes-style JSON."""
+    lines = [content] if content else []
+    lines += [f"<tool_call>{json.dumps(_call_json(c), ensure_ascii=False)}</tool_call>" for c in calls]
+    return "\n".join(lines)
+
+
+def _plain_text(prompt: list[dict[str, Any]], response: str, turns: str, has_prompt: bool,
+                calls: list[dict[str, Any]] | None = None) -> tuple[str, list[tuple[int, int]], int]:
     parts: list[str] = []
     spans: list[tuple[int, int]] = []
     pos = 0
     for msg in prompt:
         head = f"{_PLAIN_ROLE[msg['role']]}: "
+        body = _with_calls(msg["content"], msg.get("tool_calls", []))
         parts.append(head)
         pos += len(head)
         if msg["role"] == "assistant" and turns == "all":
-            spans.append((pos, pos + len(msg["content"])))
-        parts.append(msg["content"] + "\n\n")
-        pos += len(msg["content"]) + 2
+            spans.append((pos, pos + len(body)))
+        parts.append(body + "\n\n")
+        pos += len(body) + 2
     if has_prompt:
         head = "Assistant: "
         parts.append(head)
         pos += len(head)
     prompt_end = pos
-    if response:
-        spans.append((pos, pos + len(response)))
-        parts.append(response)
+    answer = _with_calls(response, calls or [])
+    if answer:
+        spans.append((pos, pos + len(answer)))
+        parts.append(answer)
     return "".join(parts), spans, prompt_end
+
+
+def _raw_text(ex: Example, response: str) -> tuple[str, list[tuple[int, int]], int]:
+    """TRL's standard format: the prompt's text, then the response's, nothing between."""
+    if len(ex.prompt) > 1 or (ex.prompt and ex.prompt[0]["role"] != "user"):
+        roles = [m["role"] for m in ex.prompt]
+        raise ConfigError(f"render.template=none renders a prompt that is one string (TRL's standard prompt/"
+                          f"completion format), but example {ex.id} has a chat prompt ({', '.join(roles)}); "
+                          "set render.template=auto (its chat template) or plain")
+    prompt = ex.prompt[0]["content"] if ex.prompt else ""
+    text = prompt + response
+    return text, [(len(prompt), len(text))] if response else [], len(prompt)
 
 
 def _tokenize_with_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]], prompt_end: int
