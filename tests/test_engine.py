@@ -607,3 +607,21 @@ def test_ray_run_stopped_by_ctrl_c_hands_every_cpu_back(ray_session, model_dir, 
                    folder=tmp_path / "shards", progress=False)
     assert time.monotonic() - start < 100, "Ctrl-C did not stop the run"
     assert cpus_free(ray_session) == 2.0, "the interrupted run's actors still hold CPUs"
+
+
+def test_ray_scores_several_methods_from_one_shared_pass_per_shard(ray_session, model_dir, folder_model, tmp_path):
+    from mechsieve.engine import select_pool_many
+
+    config = ModelConfig(name=str(model_dir), device="cpu")
+    pool, target = mixed_pool(10), two_source_target()
+    settings = {"loss": {}, "rds": {}, "nait": {"normalize": "pool"}, "random": {}}
+    local, _ = select_pool_many(settings, pool, 4, target=target, model=folder_model, engine=LOCAL,
+                                folder=tmp_path / "local", progress=False)
+    remote, report = select_pool_many(settings, pool, 4, target=target, model=config, engine=RAY_ONE_ACTOR,
+                                      folder=tmp_path / "ray", progress=False)
+    for method in settings:
+        np.testing.assert_array_equal(remote[method].scores, local[method].scores, err_msg=method)
+        assert remote[method].ids == local[method].ids, method
+    assert report["shared"] == ["loss", "nait", "rds"]
+    assert report["engine"]["executor"] == "ray" and report["engine"]["ran"] == 4
+    assert remote["loss"].settings["engine"]["shards"] == 4

@@ -124,3 +124,32 @@ def test_an_edited_eval_file_is_evaluated_again(model_dir, tmp_path):
     key = "ev/loss_per_token"
     assert [r[key] for r in edited.rows] != [r[key] for r in first.rows]
     assert [r[key] for r in same.rows] == [r[key] for r in first.rows]
+
+
+def test_runner_scores_the_forward_only_methods_of_a_seed_in_one_shared_pass(model_dir, tmp_path, monkeypatch):
+    """loss and ifd (y|x is the loss feature) and rds share seed 0's pass; seed 1 reads the cached
+    features and runs no pool pass at all; the selections are those select_examples makes."""
+    import mechsieve.capture.shared as shared
+    from mechsieve.data.readers import read_pool
+    from mechsieve.models.loading import load_model
+    from mechsieve.select import select_examples
+
+    passes = []
+    real = shared.run_forward
+    monkeypatch.setattr(shared, "run_forward", lambda *a, **k: passes.append(1) or real(*a, **k))
+    target = {"path": str(SAMPLES / "gsm8k_target.jsonl"), "limit": 4}
+    cfg = from_dict(ExperimentConfig, _config(model_dir, tmp_path / "exp", methods=["loss", "ifd", "rds", "random"],
+                                              target=target, eval_base=False, steps=1))
+    result = run_experiment(cfg, progress=False, log=lambda _: None)
+    # seed 0: the example pass (loss, ifd's y|x, rds's pool states) and ifd's response-alone pass;
+    # plus rds's target pass in its prepare, each seed; seed 1: no pool pass
+    assert len(passes) == 2 + 1 + 1
+    features = list((tmp_path / "exp" / "cache" / "features").iterdir())
+    assert len(features) == 3  # response loss of y|x, of y alone, pooled states
+    loaded = load_model(str(model_dir))
+    pool = read_pool(from_dict(type(cfg.pool), {**_config(model_dir, tmp_path)["pool"]}))
+    for method in ("loss", "ifd", "rds"):
+        alone = select_examples(method, pool, 0.5, target=read_pool(from_dict(type(cfg.pool), target)),
+                                loaded=loaded, progress=False)
+        picked = [r["selected"] for r in result.rows if r["method"] == method]
+        assert picked == [len(alone.ids)] * 2

@@ -127,6 +127,16 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", dest=f"{dest}_limit", type=int, help="read at most this many records")
     parser.add_argument("--encoding", dest=f"{dest}_encoding",
                         help="text encoding of .jsonl/.json/.csv files (default utf-8; e.g. latin-1, cp1252)")
+    parser.add_argument("--split", dest=f"{dest}_split", metavar="SPLIT",
+                        help="split to read, as datasets spells it: train (default), test, train[:1000], "
+                        "train[10%%:20%%]; on a file, only the slice applies")
+    parser.add_argument("--subset", dest=f"{dest}_subset", metavar="NAME",
+                        help="config name of a hub dataset or dataset folder (openai/gsm8k: main or socratic)")
+    parser.add_argument("--revision", dest=f"{dest}_revision", help="branch, tag or commit of a hub dataset")
+    parser.add_argument("--data-files", dest=f"{dest}_data_files", metavar="GLOB,...",
+                        help="files of a hub dataset or dataset folder to read (glob patterns, comma-separated)")
+    parser.add_argument("--streaming", dest=f"{dest}_streaming", action="store_true",
+                        help="stream a hub dataset: take records as they come, up to --limit")
 
 
 def parse_field_map(text: str) -> dict[str, str]:
@@ -153,8 +163,14 @@ def data_flags(args: argparse.Namespace, flag: str = "pool", key: str = "data") 
         out[f"{key}.skip_invalid"] = True
     if getattr(args, f"{flag}_limit", None):
         out[f"{key}.limit"] = getattr(args, f"{flag}_limit")
-    if getattr(args, f"{flag}_encoding", None):
-        out[f"{key}.encoding"] = getattr(args, f"{flag}_encoding")
+    for name in ("encoding", "split", "subset", "revision"):
+        if getattr(args, f"{flag}_{name}", None):
+            out[f"{key}.{name}"] = getattr(args, f"{flag}_{name}")
+    if getattr(args, f"{flag}_data_files", None):
+        files = [f.strip() for f in getattr(args, f"{flag}_data_files").split(",") if f.strip()]
+        out[f"{key}.data_files"] = files[0] if len(files) == 1 else files
+    if getattr(args, f"{flag}_streaming", False):
+        out[f"{key}.streaming"] = True
     return out
 
 
@@ -185,8 +201,15 @@ def resolved_yaml(cfg: Any) -> str:
 
     data = to_dict(cfg)
     if isinstance(getattr(cfg, "scorer", None), dict) and isinstance(getattr(cfg, "method", None), str):
-        scorer = scorer_class(cfg.method, cfg.scorer)
-        data["scorer"] = to_dict(from_dict(scorer.config_cls, cfg.scorer, prefix="scorer."))
+        if "," in cfg.method:  # select with several methods: each method's settings in full, by name
+            from mechsieve.commands.select import method_list, method_settings
+
+            settings = method_settings(method_list(cfg.method), cfg.scorer)
+            data["scorer"] = {m: to_dict(from_dict(method_class(m).config_cls, s, prefix=f"scorer.{m}."))
+                              for m, s in settings.items()}
+        else:
+            scorer = scorer_class(cfg.method, cfg.scorer)
+            data["scorer"] = to_dict(from_dict(scorer.config_cls, cfg.scorer, prefix="scorer."))
     return to_yaml(data)
 
 

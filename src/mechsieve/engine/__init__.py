@@ -17,12 +17,15 @@ from mechsieve.engine.run import (
     make_executor,
     run_step,
     score_pool,
+    score_pool_many,
     select_pool,
+    select_pool_many,
     shardable_methods,
     token_scores_sharded,
 )
 from mechsieve.engine.shards import ShardStore
 
 __all__ = ["EngineConfig", "EngineError", "Executor", "Shard", "ShardError", "ShardOutput", "ShardStore", "Step",
-           "capture_sharded", "make_executor", "plan_shards", "run_step", "score_pool", "select_pool",
+           "capture_sharded", "make_executor", "plan_shards", "run_step", "score_pool", "score_pool_many",
+           "select_pool", "select_pool_many",
            "shardable_methods", "token_scores_sharded"]

@@ -187,6 +187,96 @@ def select_pool(method: str, pool: Any, budget: Any, *, target: Any = None, mode
                                  score_seconds=time.perf_counter() - t0, recorded={"engine": report})
 
 
+def score_pool_many(scorers: dict[str, Any], pool: Any, *, target: Any = None, model: Any = None, seed: int = 0,
+                    engine: EngineConfig | None = None, folder: str | Path | None = None, progress: bool = True
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`score_pool` for several scorers (label -> Scorer): the forward-only ones run `prepare` on
+    the driver and share one feature pass per shard (a ScoreManyStep under `folder/shared`); each
+    other scorer goes through `score_pool` alone (its shards under `folder/LABEL`). Returns
+    (label -> ScoreResult, report)."""
+    from mechsieve.engine.steps import ScoreManyStep, decode_many
+    from mechsieve.scorers.base import ForwardScorer
+
+    engine = engine or EngineConfig()
+    forward = {label: s for label, s in scorers.items() if isinstance(s, ForwardScorer)}
+    results: dict[str, Any] = {}
+    report: dict[str, Any] = {"shared": sorted(forward), "methods": {}}
+    if forward and not engine.sharded:
+        from mechsieve.scorers.many import score_many
+
+        shared, report = score_many(forward, pool, target=target, loaded=_loaded_model(model), seed=seed,
+                                    progress=progress)
+        results.update(shared)
+    elif forward:
+        if folder is None:
+            raise EngineError("a sharded run needs a folder for its shards (the command's --out)")
+        for scorer in forward.values():
+            scorer.check_inputs(pool, target, model)
+        shards = plan_shards(pool.examples, engine.effective_shard_size())
+        executor = make_executor(engine)
+        step = ScoreManyStep(forward, {}, model)
+        settings = {**step.settings(), "seed": seed, "pool": pool.fingerprint(), **shard_key(shards, engine),
+                    "target": target.fingerprint() if target is not None else None}
+        store = ShardStore(Path(folder) / "shared", settings, overwrite=engine.overwrite)
+        state = store.load_state()
+        start = time.perf_counter()
+        if state is None:
+            loaded = _loaded_model(model)
+            state = store.save_state({f"{label}/{k}": v for label, s in forward.items()
+                                      for k, v in s.prepare(pool, target=target, loaded=loaded, seed=seed,
+                                                            progress=progress).items()})
+            if step._loaded is None and executor.name == "local":
+                step._loaded = loaded
+        step.states = {label: {k[len(label) + 1:]: v for k, v in state.items() if k.startswith(f"{label}/")}
+                       for label in forward}
+        t_prepare = time.perf_counter() - start
+        report["engine"] = {**run_step(step, shards, store, executor, progress), "prepare_seconds": round(t_prepare, 3)}
+        outputs = read_outputs(store, shards, step)
+        for label, scorer in forward.items():
+            result = scorer.combine([decode_many(out, label) for out in outputs], step.states[label])
+            check_rows(f"{label} scores", {"scores": result.scores, "per_target": result.per_target}, shards,
+                       pool.examples)
+            results[label] = result
+        if not engine.keep_shards:
+            store.remove()
+    for label, scorer in scorers.items():
+        if label in forward:
+            continue
+        start = time.perf_counter()
+        results[label], own = score_pool(scorer, pool, target=target, model=model, seed=seed, engine=engine,
+                                         folder=Path(folder) / label if folder is not None else None,
+                                         progress=progress)
+        report["methods"][label] = {"own_seconds": round(time.perf_counter() - start, 4), "engine": own}
+    return {label: results[label] for label in scorers}, report
+
+
+def select_pool_many(settings: dict[str, dict[str, Any] | None], pool: Any, budget: Any, *, target: Any = None,
+                     model: Any = None, seed: int = 0, order: str | None = None, engine: EngineConfig | None = None,
+                     folder: str | Path | None = None, progress: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`select.select_many` through the engine (method -> settings): scores from `score_pool_many`,
+    each method's global selection made here, on the driver."""
+    from mechsieve.scorers.registry import make_scorer
+    from mechsieve.select.budget import SelectionError, parse_budget
+    from mechsieve.select.pipeline import selection_from_result
+
+    if len(pool.examples) == 0:
+        raise SelectionError("the pool is empty: nothing to select (check the path and --limit)")
+    for method in settings:
+        parse_budget("full" if method == "full" else budget).size(len(pool.examples))  # before any model work
+    scorers = {method: make_scorer(method, s) for method, s in settings.items()}
+    t0 = time.perf_counter()
+    results, report = score_pool_many(scorers, pool, target=target, model=model, seed=seed, engine=engine,
+                                      folder=folder, progress=progress)
+    seconds = time.perf_counter() - t0
+    selections = {}
+    for method, scorer in scorers.items():
+        engine_report = report["methods"].get(method, {}).get("engine") or report.get("engine", {})
+        selections[method] = selection_from_result(method, scorer, results[method], pool, budget, seed=seed,
+                                                   order=order, score_seconds=seconds,
+                                                   recorded={"engine": engine_report})
+    return selections, report
+
+
 # --- capture and token scores ------------------------------------------------------------------
 
 def capture_sharded(model: Any, pool: Any, cfg: Any, render_cfg: Any, out_dir: str | Path,

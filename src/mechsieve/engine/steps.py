@@ -117,6 +117,52 @@ class ScoreStep(ModelStep):
         return encode_result(result)
 
 
+class ScoreManyStep(ModelStep):
+    """Several forward-only scorers on a shard from one shared feature pass (scorers.many): each
+    scorer's ScoreResult encoded as by ScoreStep, its arrays under `LABEL/`, its meta under LABEL."""
+
+    name = "score_many"
+    transient = ("_loaded", "_scorers")
+
+    def __init__(self, scorers: dict[str, Any], states: dict[str, dict[str, Any]], model: Any = None) -> None:
+        super().__init__(model)
+        self.specs = {label: (type(s), s.config, s.name, s.settings()) for label, s in scorers.items()}
+        self.states = states
+        self._scorers: dict[str, Any] | None = None
+
+    def settings(self) -> dict[str, Any]:
+        return {"step": self.name, "methods": {label: {"method": name, "scorer": settings}
+                                               for label, (_, _, name, settings) in self.specs.items()},
+                "model": self.identity}
+
+    def setup(self) -> None:
+        super().setup()
+        self._scorers = {label: cls(config) for label, (cls, config, _, _) in self.specs.items()}
+
+    def run(self, shard: Shard) -> ShardOutput:
+        from mechsieve.scorers.many import shard_many
+
+        if self._scorers is None:
+            self.setup()
+        parts, _ = shard_many(self._scorers, self.states, shard.pool(), self.loaded, progress=False)
+        arrays, meta = {}, {}
+        for label, part in parts.items():
+            if np.shape(part.scores) != (len(shard.examples),):
+                raise ShardError(shard.index, f"{label} returned {np.shape(part.scores)} scores for "
+                                 f"{shard.describe()}, expected ({len(shard.examples)},)")
+            encoded = encode_result(part)
+            arrays.update({f"{label}/{k}": v for k, v in encoded.arrays.items()})
+            meta[label] = encoded.meta
+        return ShardOutput(arrays, meta)
+
+
+def decode_many(output: ShardOutput, label: str) -> Any:
+    """One scorer's ScoreResult out of a ScoreManyStep shard output."""
+    prefix = f"{label}/"
+    arrays = {k[len(prefix):]: v for k, v in output.arrays.items() if k.startswith(prefix)}
+    return decode_result(ShardOutput(arrays, output.meta.get(label, {})))
+
+
 # --- activation capture ------------------------------------------------------------------------
 
 class CaptureStep(ModelStep):

@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -91,6 +90,8 @@ class _Run:
     pool_fp: str = field(init=False)
     target_fp: str | None = field(init=False)
     hits: dict[str, int] = field(default_factory=lambda: {"selection": 0, "train": 0, "eval": 0})
+    made: set[tuple[str, int]] = field(default_factory=set)
+    """(method, seed) of the selections made by this run (not cache hits)."""
     task_fps: dict[str, str] = field(default_factory=dict)
     """Fingerprint of each evaluation set, by task label."""
     data_fps: dict[str, str] = field(default_factory=dict)
@@ -139,6 +140,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, log: Callable[[
         f"(max_tokens={cfg.train.max_tokens} per micro-batch, grad_accum={cfg.train.grad_accum}; from {steps_from})")
     rows = [_base_row(run)] if cfg.eval_base else []
     for seed in cfg.seeds:
+        _select_missing(run, seed)  # the seed's selections not cached yet, from one shared pass
         for method in cfg.methods:
             rows.append(_method_row(run, method, seed, steps))
     summary_extra = {"steps": steps, "steps_from": steps_from, "cache_hits": run.hits,
@@ -172,31 +174,48 @@ def _method_row(run: _Run, method: str, seed: int, steps: int) -> dict[str, Any]
             "final_train_loss": tr["final_loss"], **metrics}
 
 
+def _selection_entry(run: _Run, method: str, seed: int) -> Any:
+    cfg = run.cfg
+    return run.cache.entry("selection", run.identity, run.pool_fp,
+                           {"method": method, "budget": cfg.budget, "seed": seed,
+                            "method_settings": cfg.method_settings.get(method), "target": run.target_fp},
+                           name="selection")
+
+
+def _select_missing(run: _Run, seed: int) -> None:
+    """Make and cache every selection of `seed` that the cache lacks, in one `select_many`: the
+    forward-only methods read the pool in one shared pass, their features kept in the experiment's
+    cache (so the next seed, whose directions and features are the same, runs no pool pass)."""
+    from mechsieve.select.pipeline import select_many
+    from mechsieve.store.features import FeatureCache
+
+    missing = [m for m in run.cfg.methods if not _selection_entry(run, m, seed).exists()]
+    if not missing:
+        return
+    settings = {m: run.cfg.method_settings.get(m) for m in missing}
+    selections, _ = select_many(settings, run.pool, run.cfg.budget, target=run.target, loaded=run.base, seed=seed,
+                                cache=FeatureCache(run.cache.root), progress=run.progress)
+    for method, sel in selections.items():
+        entry = _selection_entry(run, method, seed)
+        run.made.add((method, seed))
+        seconds = float(sel.timings.get("score_total", 0.0)) + float(sel.timings.get("select", 0.0))
+        save_artefact(entry.folder, entry.name,
+                      {"scores": np.asarray(sel.scores, np.float64), "ranks": np.asarray(sel.ranks, np.int64),
+                       "selected": np.asarray(sel.selected, dtype=bool).astype(np.uint8)}, entry.key,
+                      extra={"ids": sel.ids, "seconds": seconds, "timings": sel.timings,
+                             "settings_recorded": sel.settings})
+
+
 def _select_cached(run: _Run, method: str, seed: int) -> tuple[np.ndarray, float]:
     """The selection of `method` under `seed` (cached by pool, method settings, budget and target)
     -> (selected: [n] bool, seconds the selection took when it was made)."""
-    from mechsieve.select.pipeline import select_examples
-
-    cfg = run.cfg
-    settings = cfg.method_settings.get(method)
-    entry = run.cache.entry("selection", run.identity, run.pool_fp,
-                            {"method": method, "budget": cfg.budget, "seed": seed,
-                             "method_settings": settings, "target": run.target_fp}, name="selection")
-    if entry.exists():
-        tensors, meta = entry.load()
+    entry = _selection_entry(run, method, seed)
+    if not entry.exists():
+        _select_missing(run, seed)
+    elif (method, seed) not in run.made:
         run.hits["selection"] += 1
-        return tensors["selected"].astype(bool), float(meta["seconds"])
-    t0 = time.perf_counter()
-    sel = select_examples(method, run.pool, cfg.budget, target=run.target, loaded=run.base, seed=seed,
-                          settings=settings, progress=run.progress)
-    seconds = time.perf_counter() - t0
-    selected = np.asarray(sel.selected, dtype=bool)
-    save_artefact(entry.folder, entry.name,
-                  {"scores": np.asarray(sel.scores, np.float64), "ranks": np.asarray(sel.ranks, np.int64),
-                   "selected": selected.astype(np.uint8)}, entry.key,
-                  extra={"ids": sel.ids, "seconds": seconds, "timings": sel.timings,
-                         "settings_recorded": sel.settings})
-    return selected, seconds
+    tensors, meta = entry.load()
+    return tensors["selected"].astype(bool), float(meta["seconds"])
 
 
 def _train_cached(run: _Run, method: str, chosen: list[int], seed: int, steps: int) -> _Trained:

@@ -10,6 +10,11 @@ Sharded scoring (`ShardedScorer`, `shardable = True`): `score` splits into three
 `prepare` (target-derived, once, on the driver) -> a state of JSON values and numpy arrays;
 `score_shard(shard, state, loaded)` per shard (one model per worker); `combine(parts, state)` on
 the driver. `score` is exactly those three over the whole pool, so there is one code path.
+
+Forward-only scorers (`ForwardScorer`: nait, rds, loss, ifd, vector-filter, igds) go one step
+further: their shard work is `features` (what they read from a forward pass: capture.shared
+Features) and `from_features` (pure math on those arrays), so that `scorers.many.score_many`
+computes the features of several methods in one shared pass; run alone, a scorer computes its own.
 """
 
 from __future__ import annotations
@@ -157,3 +162,32 @@ class ShardedScorer(Scorer):
         state = self.prepare(pool, target=target, loaded=loaded, seed=seed, progress=progress)
         part = self.score_shard(pool, state, loaded, progress)
         return self.combine([part], state)
+
+
+class ForwardScorer(ShardedScorer):
+    """A sharded scorer whose shard work is forward-only features plus math on them.
+
+    `features(state, loaded)` -> {name: capture.shared.Feature}: what it reads from the pool's
+    forward pass (its own names; the features' pass keys say how examples are rendered and batched).
+    `from_features(shard, state, arrays, seconds, loaded)` -> the shard's ScoreResult from
+    {name: arrays} (each [m, ...], rows in shard order) and the seconds of the pass(es) that made
+    them; `loaded` is there for its tokenizer (IGDS decodes snippets), never to run the model. Run alone,
+    `score_shard` computes the features in a pass of its own, so alone and shared are one code path.
+    """
+
+    @abstractmethod
+    def features(self, state: ShardState, loaded: Any) -> dict[str, Any]:
+        """The features this scorer reads, by name (capture.shared.Feature instances)."""
+
+    @abstractmethod
+    def from_features(self, shard: Pool, state: ShardState, arrays: dict[str, dict[str, np.ndarray]],
+                      seconds: float, loaded: Any = None) -> ScoreResult:
+        """The shard's scores from its features' arrays (no forward pass, no I/O)."""
+
+    def score_shard(self, shard: Pool, state: ShardState, loaded: Any = None, progress: bool = True
+                    ) -> ScoreResult:
+        from mechsieve.capture.shared import feature_pass
+
+        arrays, report = feature_pass(loaded, shard.examples, self.features(state, loaded), progress=progress,
+                                      desc=f"{self.name}: pool")
+        return self.from_features(shard, state, arrays, report.seconds, loaded)

@@ -19,20 +19,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-import torch
 
+from mechsieve.capture.shared import Pooled, ResponseLoss, feature_pass
 from mechsieve.config import check_choice
 from mechsieve.data.records import Pool
-from mechsieve.data.render import pad_id
-from mechsieve.scorers.base import NoSettings, Scorer, ScoreResult, ShardedScorer, ShardState
-from mechsieve.scorers.common import (
-    ModelScorerConfig,
-    final_norm,
-    layer_pass,
-    render,
-    response_nll,
-    response_only,
-)
+from mechsieve.scorers.base import ForwardScorer, NoSettings, Scorer, ScoreResult, ShardState
+from mechsieve.scorers.common import ModelScorerConfig, final_norm, pass_key
 
 
 def hashed_uniform(ids: list[str], seed: int) -> np.ndarray:
@@ -81,7 +73,7 @@ class LossConfig(ModelScorerConfig):
         check_choice("loss.direction", self.direction, ("high", "low"))
 
 
-class LossScorer(ShardedScorer):
+class LossScorer(ForwardScorer):
     """Loss / perplexity baseline (perplexity-based pruning, e.g. Marion et al. 2023, arXiv
     2309.04564; the Loss baseline of IGDS): mean next-token NLL of the response tokens (end-of-turn
     marker included) given the prompt, under the base model. Score = the loss; `direction` picks
@@ -101,16 +93,15 @@ class LossScorer(ShardedScorer):
                 progress: bool = True) -> ShardState:
         return {}
 
-    def score_shard(self, shard: Pool, state: ShardState, loaded: Any = None, progress: bool = True
-                    ) -> ScoreResult:
-        t0 = time.perf_counter()
-        rendered = render(shard.examples, loaded, self.config)
-        t1 = time.perf_counter()
-        sums, counts = response_nll(loaded.model, rendered, self.config, pad_id(loaded.tokenizer), progress, "loss")
+    def features(self, state: ShardState, loaded: Any) -> dict[str, Any]:
+        return {"loss": ResponseLoss(pass_key(self.config))}
+
+    def from_features(self, shard: Pool, state: ShardState, arrays: dict, seconds: float,
+                      loaded: Any = None) -> ScoreResult:
+        sums, counts = arrays["loss"]["sums"], arrays["loss"]["counts"]
         loss = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
         return ScoreResult(loss, {"no_response_tokens": int((counts == 0).sum()),
-                                  "response_tokens": int(counts.sum())},
-                           {"render": t1 - t0, "forward": time.perf_counter() - t1})
+                                  "response_tokens": int(counts.sum())}, {"forward": seconds})
 
 
 @dataclass
@@ -122,7 +113,7 @@ class IfdConfig(ModelScorerConfig):
     they get NaN (ranked last, never selected). False keeps the raw ratio."""
 
 
-class IfdScorer(ShardedScorer):
+class IfdScorer(ForwardScorer):
     """IFD (Cherry LLM, Li et al. NAACL 2024): exp(mean NLL of y given x - mean NLL of y alone).
 
     Differences from the paper's code: the conditional pass uses the model's chat template (the
@@ -154,22 +145,21 @@ class IfdScorer(ShardedScorer):
             raise ValueError("ifd: conditional_loss is matched to examples by id, but the pool repeats ids")
         return {"conditional_ids": ids, "conditional_loss": cond}
 
-    def score_shard(self, shard: Pool, state: ShardState, loaded: Any = None, progress: bool = True
-                    ) -> ScoreResult:
-        t0 = time.perf_counter()
-        alone = render([response_only(ex) for ex in shard.examples], loaded, self.config)
-        pad = pad_id(loaded.tokenizer)
-        if "conditional_loss" not in state:
-            cond = render(shard.examples, loaded, self.config)
-            t1 = time.perf_counter()
-            s_c, n_c = response_nll(loaded.model, cond, self.config, pad, progress, "ifd: y|x")
-            cond_loss = np.where(n_c > 0, s_c / np.maximum(n_c, 1), np.nan)
-        else:
-            t1 = time.perf_counter()
+    def features(self, state: ShardState, loaded: Any) -> dict[str, Any]:
+        feats = {"alone": ResponseLoss(pass_key(self.config, inputs="response_only"))}
+        if "conditional_loss" not in state:  # the same feature as the loss scorer's: shared with it
+            feats["conditional"] = ResponseLoss(pass_key(self.config))
+        return feats
+
+    def from_features(self, shard: Pool, state: ShardState, arrays: dict, seconds: float,
+                      loaded: Any = None) -> ScoreResult:
+        if "conditional_loss" in state:
             where = {ex_id: i for i, ex_id in enumerate(state["conditional_ids"])}
             cond_loss = state["conditional_loss"][[where[ex.id] for ex in shard.examples]]
-        t2 = time.perf_counter()
-        s_u, n_u = response_nll(loaded.model, alone, self.config, pad, progress, "ifd: y")
+        else:
+            s_c, n_c = arrays["conditional"]["sums"], arrays["conditional"]["counts"]
+            cond_loss = np.where(n_c > 0, s_c / np.maximum(n_c, 1), np.nan)
+        s_u, n_u = arrays["alone"]["sums"], arrays["alone"]["counts"]
         # Without a prompt, y|x and y are the same text: IFD would be 1 by construction, not a
         # measurement, so such examples are not scored (NaN: ranked last, never selected).
         has_prompt = np.array([bool(ex.prompt) for ex in shard.examples])
@@ -181,9 +171,7 @@ class IfdScorer(ShardedScorer):
             ifd[above] = np.nan
         return ScoreResult(ifd, {"above_one": int(above.sum()), "dropped": int(above.sum()) if
                                  self.config.drop_above_one else 0, "no_prompt": int((~has_prompt).sum()),
-                                 "not_scored": int((~ok).sum())},
-                           {"render": t1 - t0, "forward_conditional": t2 - t1,
-                            "forward_response_only": time.perf_counter() - t2})
+                                 "not_scored": int((~ok).sum())}, {"forward": seconds})
 
 
 @dataclass
@@ -206,27 +194,22 @@ class RdsConfig(ModelScorerConfig):
         check_choice("rds.capabilities", self.capabilities, ("source", "single"))
 
 
+def pooled_feature(loaded: Any, cfg: Any) -> Pooled:
+    """The shared-pass feature of RDS+ and k-center: the last layer pooled by `cfg.pooling`, after
+    the final norm when `cfg.apply_final_norm` (cfg: RdsConfig, KCenterConfig)."""
+    from mechsieve.models.hooks import hook_points
+
+    last = hook_points(loaded.model).n_layers - 1
+    norm = final_norm(loaded.model) if cfg.apply_final_norm else None
+    return Pooled(pass_key(cfg), last, cfg.pooling, norm)
+
+
 def pooled_last_layer(loaded: Any, examples: list, cfg: Any, progress: bool, desc: str) -> np.ndarray:
     """[n, d] float64 mean-pooled last-layer hidden states (after the final norm if asked).
 
     `cfg`: a ModelScorerConfig with `pooling` and `apply_final_norm` (RdsConfig, KCenterConfig)."""
-    from mechsieve.capture.reductions import REDUCTIONS
-    from mechsieve.models.hooks import hook_points
-
-    model = loaded.model
-    last = hook_points(model).n_layers - 1
-    norm = final_norm(model) if cfg.apply_final_norm else None
-    rendered = render(examples, loaded, cfg)
-    d = int(model.config.get_text_config().hidden_size if hasattr(model.config, "get_text_config")
-            else model.config.hidden_size)
-    out = np.zeros((len(rendered), d), dtype=np.float64)
-
-    def on_layer(ctx, layer: int, acts: torch.Tensor) -> None:
-        h = norm(acts) if norm is not None else acts
-        out[ctx.indices] = REDUCTIONS[cfg.pooling](h.float(), ctx.batch).double().cpu().numpy()
-
-    layer_pass(model, rendered, [last], "resid", cfg, pad_id(loaded.tokenizer), on_layer, progress, desc)
-    return out
+    arrays, _ = feature_pass(loaded, examples, {"pooled": pooled_feature(loaded, cfg)}, progress=progress, desc=desc)
+    return arrays["pooled"]["pooled"].astype(np.float64)
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -244,7 +227,7 @@ def target_groups(target: Pool, capabilities: str) -> dict[str, list[int]]:
     return groups
 
 
-class RdsScorer(ShardedScorer):
+class RdsScorer(ForwardScorer):
     """RDS+ (Ivison et al. 2025, "Large-Scale Data Selection for Instruction Tuning"): embed each
     example as the mean over tokens of the last-layer hidden state, score = cosine to the target
     examples aggregated by mean (option: max). The paper uses round-robin over target tasks; here
@@ -266,14 +249,16 @@ class RdsScorer(ShardedScorer):
                 "explanations": {"target_examples": len(target.examples)},
                 "timings": {"forward_target": time.perf_counter() - t0}}
 
-    def score_shard(self, shard: Pool, state: ShardState, loaded: Any = None, progress: bool = True
-                    ) -> ScoreResult:
-        t0 = time.perf_counter()
-        self.pool_embeddings = pooled_last_layer(loaded, shard.examples, self.config, progress, "rds: pool")
+    def features(self, state: ShardState, loaded: Any) -> dict[str, Any]:
+        return {"pool": pooled_feature(loaded, self.config)}
+
+    def from_features(self, shard: Pool, state: ShardState, arrays: dict, seconds: float,
+                      loaded: Any = None) -> ScoreResult:
+        self.pool_embeddings = arrays["pool"]["pooled"].astype(np.float64)
         emb_p = unit_rows(self.pool_embeddings)
         t1 = time.perf_counter()
         cos = emb_p @ state["target_embeddings"].T  # [m, targets]
         agg = np.mean if self.config.aggregate == "mean" else np.max
         per = np.stack([agg(cos[:, idx], axis=1) for idx in state["groups"].values()], axis=1)
-        return ScoreResult(per.max(axis=1), {}, {"forward_pool": t1 - t0, "similarity": time.perf_counter() - t1},
+        return ScoreResult(per.max(axis=1), {}, {"forward_pool": seconds, "similarity": time.perf_counter() - t1},
                            per_target=per if per.shape[1] > 1 else None, target_names=list(state["groups"]))

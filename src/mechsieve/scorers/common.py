@@ -1,8 +1,9 @@
-"""Shared pieces of the scorers that read a model: batching settings, rendering, and the two
-forward passes they need (per-example response loss from logits; per-layer reductions).
+"""Shared pieces of the scorers that read a model: batching settings, rendering, the key of the
+shared feature pass (capture.shared) their pool features are computed in, and `layer_pass`, the
+plain per-layer pass of their target-side work (NAIT's target drifts, IGDS recall).
 
-Both passes run through `mechsieve.capture.run_forward`, batched by length; nothing per-token
-outlives its batch (logits are reduced to per-example sums inside `on_logits`).
+Passes run through `mechsieve.capture.run_forward`, batched by length; nothing per-token outlives
+its batch.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from mechsieve.capture.batching import plan_batches
@@ -37,41 +37,17 @@ class ModelScorerConfig:
             raise ConfigError("max_tokens and max_batch must be >= 1")
 
 
+def pass_key(cfg: ModelScorerConfig, inputs: str = "example", site: str = "resid") -> Any:
+    """The shared-pass key of a scorer with these settings (capture.shared.PassKey): scorers whose
+    render and batching settings agree read their features from one pass."""
+    from mechsieve.capture.shared import PassKey
+
+    return PassKey(cfg.render, cfg.max_tokens, cfg.max_batch, inputs, site)
+
+
 def render(examples: Sequence[Example], loaded: Any, cfg: ModelScorerConfig) -> list[Rendered]:
     rendered, _ = render_pool(list(examples), loaded.tokenizer, cfg.render)
     return rendered
-
-
-def response_only(ex: Example) -> Example:
-    """The example's response with no prompt (IFD's ppl(y)): rendered as plain text + EOS."""
-    return Example(ex.id, ex.source, [], ex.response, {})
-
-
-def response_nll(model: Any, rendered: Sequence[Rendered], cfg: ModelScorerConfig, pad: int,
-                 progress: bool = True, desc: str = "loss") -> tuple[np.ndarray, np.ndarray]:
-    """Summed next-token NLL over response tokens, and their count, per example: ([n], [n]).
-
-    Token t is scored from the logits at t-1, so a response token at position 0 has no loss.
-    """
-    n = len(rendered)
-    sums = np.zeros(n, dtype=np.float64)
-    counts = np.zeros(n, dtype=np.int64)
-    plan = plan_batches([len(r) for r in rendered], cfg.max_tokens, cfg.max_batch)
-
-    def on_logits(ctx: BatchContext, logits: torch.Tensor) -> None:
-        batch = ctx.batch
-        mask = batch.response_mask[:, 1:]
-        rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
-        picked = logits[:, :-1][mask].float()  # [m, V]: only response positions, never the whole pool
-        nll = torch.nn.functional.cross_entropy(picked, batch.input_ids[:, 1:][mask], reduction="none")
-        total = torch.zeros(mask.shape[0], dtype=torch.float64, device=nll.device)
-        total.index_add_(0, rows, nll.double())
-        sums[ctx.indices] = total.cpu().numpy()
-        counts[ctx.indices] = mask.sum(1).cpu().numpy()
-
-    run_forward(model, rendered, plan, ForwardSpec(need_logits=True), pad,
-                on_logits=on_logits, progress=progress, desc=desc)
-    return sums, counts
 
 
 LayerReducer = Callable[[BatchContext, int, torch.Tensor], None]

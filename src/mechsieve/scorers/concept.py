@@ -25,7 +25,7 @@ from mechsieve.config import ConfigError, to_dict
 from mechsieve.data.records import Example, Pool
 from mechsieve.data.render import RenderConfig, pad_id
 from mechsieve.features.probes import Concept, ConceptConfig
-from mechsieve.scorers.base import Scorer, ScorerError, ScoreResult, ShardedScorer, ShardState
+from mechsieve.scorers.base import ForwardScorer, Scorer, ScorerError, ScoreResult, ShardState
 
 
 @dataclass
@@ -44,10 +44,13 @@ class ConceptSource:
     """Longest rendered example (tokens) for every pass of these scorers."""
     max_tokens: int = 4096
     """Token budget of one forward batch."""
+    max_batch: int = 64
+    """At most this many examples in one forward batch (with max_len and max_tokens: the same
+    values as another forward-only method lets `select --method` share its pass)."""
 
     def __post_init__(self) -> None:
-        if self.max_len < 2 or self.max_tokens < 1:
-            raise ConfigError("max_len must be >= 2 and max_tokens >= 1")
+        if self.max_len < 2 or self.max_tokens < 1 or self.max_batch < 1:
+            raise ConfigError("max_len must be >= 2, max_tokens and max_batch >= 1")
 
 
 def render_config(max_len: int) -> RenderConfig:
@@ -70,7 +73,8 @@ def _capture_mean_response(loaded: Any, examples: list[Example], layer: int, src
     from mechsieve.data.render import render_pool
 
     rendered, _ = render_pool(examples, loaded.tokenizer, render_config(src.max_len))
-    cfg = CaptureConfig(layers=[layer], reductions=["mean_response"], max_tokens=src.max_tokens)
+    cfg = CaptureConfig(layers=[layer], reductions=["mean_response"], max_tokens=src.max_tokens,
+                        max_batch=src.max_batch)
     start = time.perf_counter()
     result = capture(loaded.model, rendered, cfg, pad_id=pad_id(loaded.tokenizer), progress=progress)
     return result.arrays["mean_response"][:, 0], time.perf_counter() - start, result.n_response_tokens
@@ -134,7 +138,14 @@ class VectorFilterConfig(ConceptSource):
     """Settings of `vector-filter` (the concept source only)."""
 
 
-class VectorFilter(ShardedScorer):
+def concept_pass_key(src: ConceptSource) -> Any:
+    """The shared-pass key of these scorers' pool pass (capture.shared.PassKey)."""
+    from mechsieve.capture.shared import PassKey
+
+    return PassKey(render_config(src.max_len), src.max_tokens, src.max_batch)
+
+
+class VectorFilter(ForwardScorer):
     """Vector Filter (Concept Influence, arXiv 2602.14869): training example -> f_v(z), forward only."""
 
     name = "vector-filter"
@@ -150,10 +161,15 @@ class VectorFilter(ShardedScorer):
                 "explanations": _concept_explanations(concept),
                 "timings": {"concept": time.perf_counter() - start}}
 
-    def score_shard(self, shard: Pool, state: ShardState, loaded: Any = None, progress: bool = True
-                    ) -> ScoreResult:
-        acts, t_pass = mean_response_acts(loaded, shard.examples, state["layer"], self.config, progress)
-        return ScoreResult(acts.astype(np.float64) @ state["unit"].astype(np.float64), {}, {"score": t_pass})
+    def features(self, state: ShardState, loaded: Any) -> dict[str, Any]:
+        from mechsieve.capture.shared import Pooled
+
+        return {"acts": Pooled(concept_pass_key(self.config), state["layer"], "mean_response")}
+
+    def from_features(self, shard: Pool, state: ShardState, arrays: dict, seconds: float,
+                      loaded: Any = None) -> ScoreResult:
+        acts = arrays["acts"]["pooled"]
+        return ScoreResult(acts.astype(np.float64) @ state["unit"].astype(np.float64), {}, {"score": seconds})
 
 
 @dataclass

@@ -38,12 +38,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from mechsieve.capture.shared import Feature, PassKey, digest
 from mechsieve.config import ConfigError, check_choice
 from mechsieve.data.records import Pool
 from mechsieve.data.render import pad_id
 from mechsieve.features.sae_train import SaeTrainConfig
-from mechsieve.scorers.base import ScorerError, ScoreResult, ShardedScorer, ShardState
-from mechsieve.scorers.common import ModelScorerConfig, layer_pass, render
+from mechsieve.scorers.base import ForwardScorer, ScorerError, ScoreResult, ShardState
+from mechsieve.scorers.common import ModelScorerConfig, layer_pass, pass_key, render
 from mechsieve.scorers.igds_steer import dev_accuracy, dev_loss, latents_at, snippet_text
 
 
@@ -93,6 +94,9 @@ class IgdsConfig(ModelScorerConfig):
     """Ablation switch: select the lowest FRS."""
     snippets: int = 3
     """Top-activating pool snippets shown per kept latent."""
+    latents: list[int] = field(default_factory=list)
+    """Kept latents given (e.g. those of an earlier run's `explanations.kept`): recall and
+    interventional filtering are skipped and FRS sums these; empty: find them."""
     train: SaeTrainConfig = field(default_factory=lambda: SaeTrainConfig(d_sae=1024, k=16))
     """TopK SAE training settings when `sae` is empty."""
     save_sae: str = ""
@@ -106,6 +110,8 @@ class IgdsConfig(ModelScorerConfig):
         check_choice("igds.keep", self.keep, ("positive", "top"))
         check_choice("igds.weight", self.weight, ("none", "delta"))
         check_choice("igds.score_position", self.score_position, ("same", "mean_response"))
+        if any(int(j) < 0 for j in self.latents):
+            raise ConfigError(f"igds.latents={self.latents}: latent indices must be >= 0")
         if self.top_k < 1 or self.keep_top < 1 or self.dev_size < 1:
             raise ConfigError("igds.top_k, igds.keep_top and igds.dev_size must be >= 1")
         if not self.alphas:
@@ -181,9 +187,46 @@ def sae_from_state(state: ShardState) -> Any:
                              threshold=tensors.get("threshold"), **state["sae"])
 
 
+class KeptLatents(Feature):
+    """IGDS's pool feature: the kept latents' activations at the FRS position, `vals` [n, kept]
+    float64, and where each is read for its snippet, `where` [n, kept] int64 (the last prompt token,
+    or each latent's largest prompt position), relative to the row's first real token."""
+
+    kind = "igds_kept_latents"
+
+    def __init__(self, key: PassKey, sae: Any, kept: np.ndarray, position: str) -> None:
+        super().__init__(key)
+        self.layers = [int(sae.layer)]
+        self.sae = sae
+        self.kept = np.asarray(kept, dtype=np.int64)
+        self.position = position
+        self.cols = torch.as_tensor(self.kept, device=sae.W_enc.device)
+
+    def settings(self) -> dict[str, Any]:
+        tensors = self.sae.tensors()
+        return {"position": self.position, "kept": self.kept.tolist(), "sae": self.sae.describe(),
+                "sae_tensors": digest(*(tensors[k].detach().cpu().numpy() for k in sorted(tensors)))}
+
+    def begin(self, n: int) -> None:
+        self.vals = np.zeros((n, len(self.kept)), dtype=np.float64)
+        self.where = np.zeros((n, len(self.kept)), dtype=np.int64)
+
+    def on_layer(self, ctx, layer: int, acts: torch.Tensor) -> None:
+        a = latents_at(self.sae, acts, ctx.batch, self.position, self.cols)  # [b, kept]
+        self.vals[ctx.indices] = a.double().cpu().numpy()
+        if self.position != "last_prompt":
+            at = latents_at(self.sae, acts, ctx.batch, "argmax_prompt", self.cols)
+        else:
+            at = (ctx.batch.prompt_len - 1).clamp(min=0)[:, None].expand(-1, len(self.kept))
+        self.where[ctx.indices] = at.cpu().numpy()
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"vals": self.vals, "where": self.where}
+
+
 # --- the scorer --------------------------------------------------------------------------------
 
-class Igds(ShardedScorer):
+class Igds(ForwardScorer):
     """IGDS (ACL 2026, arXiv 2604.25167); see the module docstring for the differences."""
 
     name = "igds"
@@ -292,7 +335,14 @@ class Igds(ShardedScorer):
         t = [time.perf_counter()]
         sae, train_report = self.get_sae(loaded, pool, target, progress)
         t.append(time.perf_counter())
-        rec = self.candidates(loaded, target, sae, seed, progress)
+        if cfg.latents:
+            given = np.asarray(cfg.latents, dtype=np.int64)
+            if given.max() >= sae.d_sae:
+                raise ScorerError(f"igds.latents: latent {int(given.max())} is beyond this SAE's {sae.d_sae} latents")
+            counts, sums, n = self.latent_stats(loaded, target.examples, sae, progress, "igds: probe")
+            rec = Recall(given, counts / max(n, 1), sums / max(n, 1))
+        else:
+            rec = self.candidates(loaded, target, sae, seed, progress)
         t.append(time.perf_counter())
         if len(rec.features) == 0:
             raise ScorerError(f"igds: no SAE latent passed frequency recall (freq > {cfg.freq_threshold}, mean > "
@@ -302,7 +352,7 @@ class Igds(ShardedScorer):
         alphas = np.ones(len(rec.features))
         base, fallback = None, False
         kept_idx = np.arange(len(rec.features))
-        if cfg.filtering:
+        if cfg.filtering and not cfg.latents:
             deltas, alphas, base = self.filter(loaded, target, sae, rec.features, seed)
             kept_idx, fallback = keep_features(deltas, cfg.keep, cfg.keep_top)
         t.append(time.perf_counter())
@@ -312,7 +362,7 @@ class Igds(ShardedScorer):
             row = {"feature": int(j), "freq": round(float(rec.freq[j]), 4), "mean_act": round(float(rec.mean[j]), 5)}
             if rec.contrast_freq is not None:
                 row["contrast_freq"] = round(float(rec.contrast_freq[j]), 4)
-            if cfg.filtering:
+            if cfg.filtering and not cfg.latents:
                 row.update(delta=round(float(deltas[c]), 6), best_alpha=float(alphas[c]))
             table.append(row)
         explanations = {
@@ -320,24 +370,39 @@ class Igds(ShardedScorer):
             "candidates": [int(j) for j in rec.features], "kept": [int(j) for j in kept],
             "base_dev_metric": None if base is None else round(float(base), 6), "fallback": fallback,
             "ablations": {"recall": cfg.recall, "filtering": cfg.filtering, "reverse": cfg.reverse},
+            "latents_given": bool(cfg.latents),
             "features": table,
         }
         if train_report:
             explanations["sae_training"] = train_report
         state: ShardState = {**sae_state(sae), "kept": kept.astype(np.int64), "explanations": explanations,
                              "timings": {p: t[i + 1] - t[i] for i, p in enumerate(("sae", "recall", "filtering"))}}
-        if cfg.weight == "delta" and cfg.filtering:
+        if cfg.weight == "delta" and cfg.filtering and not cfg.latents:
             state["weights"] = deltas[kept_idx].astype(np.float64)
         return state
 
-    def score_shard(self, shard: Pool, state: ShardState, loaded: Any = None, progress: bool = True
-                    ) -> ScoreResult:
-        """FRS of the shard's examples, and each kept latent's top snippets within the shard."""
-        start = time.perf_counter()
+    def frs_position(self) -> str:
+        return self.config.position if self.config.score_position == "same" else "mean_response"
+
+    def features(self, state: ShardState, loaded: Any) -> dict[str, Any]:
         device = next(loaded.model.parameters()).device
         sae = sae_from_state(state).to(device)
-        scores, snippets = self.pool_pass(loaded, shard, sae, state["kept"], state.get("weights"), progress)
-        return ScoreResult(scores, {"snippets": snippets}, {"score_pool": time.perf_counter() - start})
+        return {"latents": KeptLatents(pass_key(self.config), sae, state["kept"], self.frs_position())}
+
+    def from_features(self, shard: Pool, state: ShardState, arrays: dict, seconds: float,
+                      loaded: Any = None) -> ScoreResult:
+        """FRS of the shard's examples, and each kept latent's top snippets within the shard
+        (`value`: the unrounded activation, which `combine` ranks by and drops)."""
+        vals, where = arrays["latents"]["vals"], arrays["latents"]["where"]
+        scores = feature_resonant_score(vals, np.arange(vals.shape[1]), state.get("weights"))
+        tops = [[i for i in np.argsort(-vals[:, c], kind="stable")[:self.config.snippets] if vals[i, c] > 0]
+                for c in range(vals.shape[1])]
+        needed = sorted({int(i) for top in tops for i in top})
+        rendered = dict(zip(needed, render([shard.examples[i] for i in needed], loaded, self.config))) if needed else {}
+        snippets = [[{"id": shard.examples[i].id, "act": round(float(vals[i, c]), 5),
+                      "text": snippet_text(loaded.tokenizer, rendered[int(i)], int(where[i, c])),
+                      "value": float(vals[i, c])} for i in top] for c, top in enumerate(tops)]
+        return ScoreResult(scores, {"snippets": snippets}, {"score_pool": seconds})
 
     def combine(self, parts: list[ScoreResult], state: ShardState) -> ScoreResult:
         """Scores in pool order; per latent, the best snippets over all shards (each shard sent its
@@ -351,34 +416,3 @@ class Igds(ShardedScorer):
         explanations["features"] = table
         timings = {**state["timings"], "score_pool": sum(p.timings["score_pool"] for p in parts)}
         return ScoreResult(np.concatenate([p.scores for p in parts]), explanations, timings)
-
-    def pool_pass(self, loaded: Any, pool: Pool, sae: Any, kept: np.ndarray, weights: np.ndarray | None,
-                  progress: bool) -> tuple[np.ndarray, list[list[dict]]]:
-        """FRS of every pool example, and each kept latent's top-activating snippets (`value`: the
-        unrounded activation, which `combine` ranks by and drops)."""
-        cfg = self.config
-        n = len(pool.examples)
-        vals = np.zeros((n, len(kept)), dtype=np.float64)
-        where = np.zeros((n, len(kept)), dtype=np.int64)
-        cols = torch.as_tensor(kept, device=sae.W_enc.device)
-        position = cfg.position if cfg.score_position == "same" else "mean_response"
-
-        def on_layer(ctx, layer: int, acts: torch.Tensor) -> None:
-            a = latents_at(sae, acts, ctx.batch, position, cols)  # [b, kept]
-            vals[ctx.indices] = a.double().cpu().numpy()
-            at = latents_at(sae, acts, ctx.batch, "argmax_prompt", cols) if position != "last_prompt" else None
-            last = (ctx.batch.prompt_len - 1).clamp(min=0)
-            where[ctx.indices] = (at if at is not None else last[:, None].expand(-1, len(kept))).cpu().numpy()
-
-        rendered = render(pool.examples, loaded, cfg)
-        layer_pass(loaded.model, rendered, [sae.layer], "resid", cfg, pad_id(loaded.tokenizer), on_layer, progress,
-                   "igds: pool")
-        scores = feature_resonant_score(vals, np.arange(len(kept)), weights)
-        snippets = []
-        for c in range(len(kept)):
-            top = np.argsort(-vals[:, c], kind="stable")[:cfg.snippets]
-            snippets.append([{"id": pool.examples[i].id, "act": round(float(vals[i, c]), 5),
-                              "text": snippet_text(loaded.tokenizer, rendered[i], int(where[i, c])),
-                              "value": float(vals[i, c])}
-                             for i in top if vals[i, c] > 0])
-        return scores, snippets

@@ -31,14 +31,15 @@ import torch
 
 from mechsieve.capture.batching import Collated
 from mechsieve.capture.reductions import REDUCTIONS
+from mechsieve.capture.shared import Feature, PassKey, digest, feature_pass
 from mechsieve.config import ConfigError, check_choice, to_dict
 from mechsieve.data.records import Pool
 from mechsieve.data.render import pad_id
 from mechsieve.features.neurons import CapabilityDirections, fit_directions
 from mechsieve.models.hooks import hook_points
-from mechsieve.scorers.base import ScorerError, ScoreResult, ShardedScorer, ShardState
+from mechsieve.scorers.base import ForwardScorer, ScorerError, ScoreResult, ShardState
 from mechsieve.scorers.baselines import target_groups
-from mechsieve.scorers.common import ModelScorerConfig, layer_pass, render
+from mechsieve.scorers.common import ModelScorerConfig, layer_pass, pass_key, render
 
 DRIFTS = ("last", "last_prompt", "mean")
 
@@ -100,7 +101,40 @@ def layer_terms(proj: np.ndarray, norms: np.ndarray, dirs: CapabilityDirections,
     return (terms - mu[None]) / np.where(sd > 0, sd, 1.0)[None]
 
 
-class Nait(ShardedScorer):
+class DriftProjection(Feature):
+    """NAIT's pool feature: each layer's drift (`drift_of`) projected on the capability directions
+    inside the hook: `proj` [n, c, L] float64 and the drift norms `norms` [n, L] float64; nothing
+    [n, L, d] is ever held."""
+
+    kind = "nait_drift_projection"
+
+    def __init__(self, key: PassKey, drift: str, dirs: CapabilityDirections, device: Any) -> None:
+        super().__init__(key)
+        self.layers = [int(x) for x in dirs.layers]
+        self.drift = drift
+        self.directions = np.ascontiguousarray(dirs.directions)
+        self.v = torch.from_numpy(self.directions).to(device)  # [c, L, d]
+        self.slot = {layer: k for k, layer in enumerate(self.layers)}
+
+    def settings(self) -> dict[str, Any]:
+        return {"drift": self.drift, "directions": digest(self.directions)}
+
+    def begin(self, n: int) -> None:
+        c, n_layers = self.directions.shape[0], len(self.layers)
+        self.proj = np.zeros((n, c, n_layers), dtype=np.float64)
+        self.norms = np.zeros((n, n_layers), dtype=np.float64)
+
+    def on_layer(self, ctx, layer: int, acts: torch.Tensor) -> None:
+        k = self.slot[layer]
+        dr = drift_of(acts, ctx.batch, self.drift)  # [b, d]
+        self.proj[ctx.indices, :, k] = (dr @ self.v[:, k].T).double().cpu().numpy()
+        self.norms[ctx.indices, k] = dr.norm(dim=-1).double().cpu().numpy()
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"proj": self.proj, "norms": self.norms}
+
+
+class Nait(ForwardScorer):
     """NAIT (ICLR 2026, arXiv 2603.13201); see the module docstring for the differences."""
 
     name = "nait"
@@ -170,17 +204,21 @@ class Nait(ShardedScorer):
         return CapabilityDirections(state["names"], state["dir_layers"], state["directions"], state["explained"],
                                     state["proj_mean"], state["proj_std"], state["cos_mean"], state["cos_std"])
 
-    def score_shard(self, shard: Pool, state: ShardState, loaded: Any = None, progress: bool = True
-                    ) -> ScoreResult:
-        """Projections of the shard's drifts; scores are final unless normalize=pool (then
-        `combine` normalises with the whole pool's statistics)."""
+    def features(self, state: ShardState, loaded: Any) -> dict[str, Any]:
+        device = next(loaded.model.parameters()).device
+        key = pass_key(self.config, site=self.config.site)
+        return {"drift": DriftProjection(key, self.config.drift, self.directions_of(state), device)}
+
+    def from_features(self, shard: Pool, state: ShardState, arrays: dict, seconds: float,
+                      loaded: Any = None) -> ScoreResult:
+        """Per-layer terms of the shard's drift projections; scores are final unless normalize=pool
+        (then `combine` normalises with the whole pool's statistics)."""
         cfg = self.config
         dirs = self.directions_of(state)
-        t0 = time.perf_counter()
-        proj, norms = self.project(loaded, shard, dirs, progress)
+        proj, norms = arrays["drift"]["proj"], arrays["drift"]["norms"]
         local = "none" if cfg.normalize == "pool" else cfg.normalize
         per = layer_terms(proj, norms, dirs, cfg.similarity, local).sum(axis=2)  # [m, c]
-        return ScoreResult(per.max(axis=1), {}, {"forward_pool": time.perf_counter() - t0},
+        return ScoreResult(per.max(axis=1), {}, {"forward_pool": seconds},
                            per_target=per if len(dirs.names) > 1 else None, target_names=dirs.names,
                            arrays={"proj": proj, "norms": norms})
 
@@ -208,25 +246,8 @@ class Nait(ShardedScorer):
 
     def project(self, loaded: Any, pool: Pool, dirs: CapabilityDirections, progress: bool = True
                 ) -> tuple[np.ndarray, np.ndarray]:
-        """One pass over the pool: drift projections [n, c, L] on the directions, drift norms [n, L].
-
-        Each layer's drift is projected inside the hook; nothing [n, L, d] is ever held.
-        """
-        cfg = self.config
-        layers = dirs.layers
-        n, n_cap, n_layers = len(pool.examples), len(dirs.names), len(layers)
-        proj = np.zeros((n, n_cap, n_layers), dtype=np.float64)
-        norms = np.zeros((n, n_layers), dtype=np.float64)
-        slot = {layer: k for k, layer in enumerate(layers)}
+        """One pass over the pool: drift projections [n, c, L] on the directions, drift norms [n, L]."""
         device = next(loaded.model.parameters()).device
-        v = torch.from_numpy(np.ascontiguousarray(dirs.directions)).to(device)  # [c, L, d]
-
-        def on_layer(ctx, layer: int, acts: torch.Tensor) -> None:
-            k = slot[layer]
-            dr = drift_of(acts, ctx.batch, cfg.drift)  # [b, d]
-            proj[ctx.indices, :, k] = (dr @ v[:, k].T).double().cpu().numpy()
-            norms[ctx.indices, k] = dr.norm(dim=-1).double().cpu().numpy()
-
-        rendered = render(pool.examples, loaded, cfg)
-        layer_pass(loaded.model, rendered, layers, cfg.site, cfg, pad_id(loaded.tokenizer), on_layer, progress, "nait: pool")
-        return proj, norms
+        feat = DriftProjection(pass_key(self.config, site=self.config.site), self.config.drift, dirs, device)
+        arrays, _ = feature_pass(loaded, pool.examples, {"drift": feat}, progress=progress, desc="nait: pool")
+        return arrays["drift"]["proj"], arrays["drift"]["norms"]

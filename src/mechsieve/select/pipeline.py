@@ -78,6 +78,33 @@ def select_examples(
                                  score_seconds=time.perf_counter() - t0)
 
 
+def select_many(settings: dict[str, dict[str, Any] | None], pool: Pool, budget: float | int | str, *,
+                target: Pool | None = None, loaded: Any = None, seed: int = 0, order: str | None = None,
+                cache: Any = None, progress: bool = True) -> tuple[dict[str, Selection], dict[str, Any]]:
+    """`select_examples` for several methods (method -> its settings) at one budget: the forward-only
+    ones read their pool features from one shared pass (scorers.many.score_many; `cache`: a
+    store.features.FeatureCache). Returns (method -> Selection, the shared pass's report); each
+    Selection's timings hold its own prepare seconds and the shared pass's seconds."""
+    from mechsieve.scorers.many import score_many
+
+    if len(pool.examples) == 0:
+        raise SelectionError("the pool is empty: nothing to select (check the path and --limit)")
+    for method in settings:
+        parse_budget("full" if method == "full" else budget).size(len(pool.examples))
+    scorers = {method: make_scorer(method, s) for method, s in settings.items()}
+    results, report = score_many(scorers, pool, target=target, loaded=loaded, seed=seed, cache=cache,
+                                 progress=progress)
+    shared_seconds = report.get("pass", {}).get("seconds", 0.0)
+    selections = {}
+    for method, scorer in scorers.items():
+        own = report["methods"][method]
+        seconds = own.get("own_seconds", own.get("prepare_seconds", 0.0) + shared_seconds)
+        recorded = {"shared_pass": report["shared"]} if method in report["shared"] and len(report["shared"]) > 1 else {}
+        selections[method] = selection_from_result(method, scorer, results[method], pool, budget, seed=seed,
+                                                   order=order, score_seconds=seconds, recorded=recorded)
+    return selections, report
+
+
 def selection_from_result(method: str, scorer: Any, result: Any, pool: Pool, budget: float | int | str, *,
                           seed: int = 0, order: str | None = None, score_seconds: float = 0.0,
                           recorded: dict[str, Any] | None = None) -> Selection:

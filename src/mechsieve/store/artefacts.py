@@ -145,9 +145,11 @@ def artefact_exists(folder: str | Path, name: str) -> bool:
     meta_path, data_path = folder / f"{name}.json", folder / f"{name}.safetensors"
     if not (meta_path.exists() and data_path.exists()):
         return False
+    from safetensors import SafetensorError
+
     try:
         return not _is_torn(json.loads(meta_path.read_text()), data_path)
-    except (OSError, ValueError):
+    except (OSError, ValueError, SafetensorError):  # unreadable or not safetensors at all: absent
         return False
 
 
