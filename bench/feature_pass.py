@@ -228,6 +228,8 @@ def main() -> None:
     p.add_argument("--concept-layer", type=int, default=15)
     p.add_argument("--rounds", type=int, default=2, help="rounds of (separate, shared), alternating their order")
     p.add_argument("--throughput-rounds", type=int, default=2)
+    p.add_argument("--throughput-per-source", type=int, default=0,
+                   help="with --phase throughput alone: a pool of this many per source (0: --per-source)")
     p.add_argument("--memory-sizes", default="1000,10000")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
@@ -244,6 +246,8 @@ def main() -> None:
     results.set("gpu", "no device was lent to this task: the GPU figures of bench/throughput.py --gpu and "
                        "bench/less_grads.py were not run")
     phases = ["compare", "throughput", "memory"] if args.phase == "all" else [args.phase]
+    if "throughput" in phases and "compare" not in phases and args.throughput_per_source:
+        args.per_source = args.throughput_per_source  # a smaller pool: the ratio is per token
     if {"compare", "throughput"} & set(phases):
         from mechsieve.features.sae import random_sae, write_sae
 
@@ -253,8 +257,10 @@ def main() -> None:
         kept = json.loads((ROOT / "bench" / "results" / "igds.json").read_text())["b1"]["kept"]
         pool, target = mixed_pool(args.per_source, args.target, args.seed)
         settings = method_settings(args, code_concept(loaded, args), kept)
-        results.set("pool", {"examples": len(pool), "target": len(target), "by_source": pool.counts_by_source(),
-                             "fingerprint": pool.fingerprint(), "igds_latents": kept})
+        described = {"examples": len(pool), "target": len(target), "by_source": pool.counts_by_source(),
+                     "fingerprint": pool.fingerprint(), "igds_latents": kept}
+        if "compare" in phases:
+            results.set("pool", described)
     if "compare" in phases:
         out = results.phase("separate_vs_shared")
         phase_compare(args, loaded, pool, target, settings, out, results.save)
@@ -265,6 +271,7 @@ def main() -> None:
         results.save(finished="separate_vs_shared")
     if "throughput" in phases:
         out = results.phase("throughput")
+        out["pool"] = described
         out["_target"] = target
         phase_throughput(args, loaded, pool, settings, out)
         results.targets().update(shared_to_bare_tokens_per_s=out["ratio"], shared_to_bare_at_least_0_9=out["ratio"] >= 0.9)

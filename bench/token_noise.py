@@ -1,29 +1,48 @@
-"""B3 token noise: does XTF find injected irrelevant spans, and does masking them help fine-tuning?
+"""B3 token noise, made fair: do the token maskers find injected irrelevant spans, and does masking
+them help fine-tuning against a random mask of the same size?
 
-GSM8K train answers (first --n), a seeded 30% of them with 1-3 consecutive TinyStories sentences
-inserted at the end of a random reasoning line; the injected tokens are recorded from the
-tokenizer's character offsets. XTF scores every response token of SmolLM2-135M-Instruct once;
-masks are then decided under several settings (paper defaults first) and compared with the
-injected tokens: precision and recall per attribute and for the union, plus a threshold-free
-ROC AUC of each raw score. Then LoRA on the masked vs the unmasked items, same steps and seeds,
-a fresh base model per run; held-out loss on clean GSM8K test answers. float32 on CPU.
+Data: GSM8K train answers (the first --n), a seeded --rate of them with 1-3 consecutive
+TinyStories sentences inserted at the end of a random reasoning line (the injected tokens are
+recorded from the tokenizer's character offsets), and a clean copy of the same answers. The
+clean in-domain set the robust maskers read: --n-ref GSM8K train problems after the pool's.
 
-    flock /tmp/mechsieve-bench.lock python bench/token_noise.py --phase score
-    flock /tmp/mechsieve-bench.lock python bench/token_noise.py --phase train   # bench/results/token_noise.json
+Phase `score` (SmolLM2-135M-Instruct, float32, CPU): every masker scores every response token of
+both copies:
+- XTF `paper` (RI, KN, TR as the paper builds them) and XTF `robust` (relative RI over the middle
+  layers, contextual TR against the in-domain set, numbers protected, span smoothing, the pool
+  MAD rule), tokens/xtf.py;
+- excess loss (Rho-1 / TokenCleaning): a LoRA reference fitted on the in-domain set,
+  loss_base - loss_ref per token, keep the top 60% (tokens/excess_loss.py) and, as a second rule,
+  mask below 0 (the reference finds the token less likely than the base).
+Phase `detect`: ROC AUC of every raw score for the injected tokens; precision / recall of each
+masker's mask; on the clean copy, the share of masked tokens that are digits or operators against
+their share of all response tokens.
+Phase `train`: LoRA (--steps, 3 seeds, a fresh base model per run) on the unmasked items, each
+masker's (the excess-loss rule below 0 only when it is the best, or with --all-maskers), and a
+random mask at the rate of the best masker (by F1 against the injected tokens), seeded per run;
+held-out loss per token on --test clean GSM8K test answers; mean and sample std.
+
+    flock /tmp/mechsieve-bench.lock python bench/token_noise.py            # all phases
+    flock /tmp/mechsieve-bench.lock python bench/token_noise.py --phase train
+
+Results: bench/results/token_noise.json (`scoring`, `detection`, `fine_tune`, `targets`).
 """
 
 from __future__ import annotations
 
 import argparse
 import pickle
+import re
 import time
 
 import numpy as np
 
 from harness import (
     ROOT,
+    SEEDS,
     EvalSettings,
     Results,
+    beats_by,
     finetune_and_eval,
     heldout_gsm8k,
     read_source,
@@ -32,121 +51,168 @@ from harness import (
 from harness.pools import inject_spans, injected_tokens
 
 CACHE = ROOT / "runs" / "bench_token_noise"
+MASKERS = ("xtf_paper", "xtf_robust", "excess_loss", "excess_loss_below_0")
+ARITH = re.compile(r"^\s*[\d.,+\-*/=%$()<>]+\s*$")
 
 
 def pr(masked: np.ndarray, truth: np.ndarray) -> dict:
     tp = int((masked & truth).sum())
-    return {"masked": int(masked.sum()), "hits": tp,
-            "precision": round(tp / masked.sum(), 4) if masked.sum() else None,
-            "recall": round(tp / truth.sum(), 4) if truth.sum() else None}
+    p = tp / masked.sum() if masked.sum() else 0.0
+    r = tp / truth.sum() if truth.sum() else 0.0
+    return {"masked": int(masked.sum()), "hits": tp, "precision": round(float(p), 4), "recall": round(float(r), 4),
+            "f1": round(2 * p * r / (p + r), 4) if p + r else 0.0}
 
 
-def phase_score(args) -> None:
-    from mechsieve.data import RenderConfig, render_pool
+def build(args):
+    from mechsieve.data import RenderConfig
+
+    rows = read_source("gsm8k", limit=args.n + args.n_ref)
+    clean, ref = rows[:args.n], rows[args.n:args.n + args.n_ref]
+    injected, spans = inject_spans(clean, args.rate, args.seed)
+    return clean, injected, spans, ref, RenderConfig(max_len=args.max_len)
+
+
+def phase_score(args) -> dict:
+    from mechsieve.data import render_pool
     from mechsieve.models import load_model
+    from mechsieve.tokens.excess_loss import ExcessLoss, ExcessLossConfig
     from mechsieve.tokens.xtf import Xtf, XtfConfig
 
     loaded = load_model("smollm2-135m-instruct")
-    examples, spans = inject_spans(read_source("gsm8k", limit=args.n), args.rate, args.seed)
-    rendered, stats = render_pool(examples, loaded.tokenizer, RenderConfig(max_len=args.max_len))
-    truth = [injected_tokens(loaded.tokenizer, ex, r, s) for ex, r, s in zip(examples, rendered, spans)]
+    clean, injected, spans, ref, render_cfg = build(args)
+    rendered, stats = render_pool(injected, loaded.tokenizer, render_cfg)
+    rendered_clean, _ = render_pool(clean, loaded.tokenizer, render_cfg)
+    truth = [injected_tokens(loaded.tokenizer, ex, r, s) for ex, r, s in zip(injected, rendered, spans)]
+    out = {"rendered": rendered, "rendered_clean": rendered_clean, "truth": truth, "render": stats.summary(),
+           "spans": spans, "args": vars(args), "scores": {}, "seconds": {}}
+    maskers = {"xtf_paper": Xtf(XtfConfig(preset="paper")),
+               "xtf_robust": Xtf(XtfConfig(), target=ref, render_cfg=render_cfg)}
     t0 = time.perf_counter()
-    scores = Xtf(XtfConfig()).score(loaded.model, loaded.tokenizer, rendered, progress=not args.quiet)
-    seconds = time.perf_counter() - t0
+    excess = ExcessLoss(ExcessLossConfig())
+    excess.fit_reference(loaded, ref, render_cfg, progress=not args.quiet)
+    out["seconds"]["excess_loss_reference_fit"] = round(time.perf_counter() - t0, 1)
+    maskers["excess_loss"] = excess
+    for name, masker in maskers.items():
+        for copy, rs in (("injected", rendered), ("clean", rendered_clean)):
+            t0 = time.perf_counter()
+            out["scores"][(name, copy)] = masker.score(loaded.model, loaded.tokenizer, rs, progress=not args.quiet)
+            out["seconds"][f"{name}/{copy}"] = round(time.perf_counter() - t0, 1)
+            print(f"[score] {name} on the {copy} copy: {out['seconds'][f'{name}/{copy}']:.0f} s", flush=True)
     CACHE.mkdir(parents=True, exist_ok=True)
     with open(CACHE / "scores.pkl", "wb") as fh:
-        pickle.dump({"examples": examples, "spans": spans, "rendered": rendered, "truth": truth,
-                     "scores": scores, "seconds": seconds, "render": stats.summary(),
-                     "args": vars(args)}, fh)
-    print(f"scored {stats.tokens} tokens of {len(rendered)} examples in {seconds:.0f} s")
-
-
-SETTINGS = {
-    "paper_defaults": {},
-    "caps_0.3": {"p_ri": 0.3, "p_kn": 0.3, "p_tr": 0.3},
-    "tr_lowest": {"tr_cluster": "lowest"},
-    "tr_two_lowest": {"tr_cluster": "two_lowest"},
-    "tr_two_lowest_caps_0.3": {"tr_cluster": "two_lowest", "p_ri": 0.3, "p_kn": 0.3, "p_tr": 0.3},
-}
-
-
-def detection(cached) -> dict:
-    from sklearn.metrics import roc_auc_score
-
-    from mechsieve.tokens.base import REASON_BITS, TokenScores
-    from mechsieve.tokens.xtf import Xtf, XtfConfig
-
-    scores, truth = cached["scores"], cached["truth"]
-    elig = np.concatenate(scores.eligible)
-    injected = np.concatenate(truth)[elig]
-    out = {"eligible_tokens": int(elig.sum()), "injected_tokens": int(injected.sum()),
-           "injected_share": round(float(injected.mean()), 4), "settings": {}}
-    # Threshold-free view: how well does each raw score rank injected tokens first?
-    auc = {}
-    for name, sign in (("ri", -1), ("kn", 1), ("tr", -1)):
-        v = np.concatenate(scores.scores[name])[elig]
-        ok = np.isfinite(v)
-        auc[name] = round(float(roc_auc_score(injected[ok], sign * v[ok])), 4)
-    out["roc_auc"] = auc
-    out["roc_auc_note"] = "ri and tr: low score = noise; kn: high probability = noise"
-    for label, overrides in SETTINGS.items():
-        for subset in (["ri", "kn", "tr"], ["ri", "tr"]):
-            cfg = XtfConfig(**overrides)
-            sub = TokenScores({k: scores.scores[k] for k in subset}, scores.eligible, scores.info)
-            masks = Xtf(cfg, words=["x"]).decide(sub)
-            reasons = np.concatenate(masks.reasons)[elig]
-            row = {a: pr((reasons & REASON_BITS[a]) > 0, injected) for a in subset}
-            row["union"] = pr(reasons > 0, injected)
-            row["tr_thresholds"] = masks.info.get("tr_thresholds")
-            out["settings"][f"{label}/{'+'.join(subset)}"] = row
+        pickle.dump(out, fh)
     return out
 
 
-def phase_train(args, cached, runs: dict, save) -> None:
-    """LoRA on the XTF-masked vs the unmasked items, per seed, a fresh base model each; held-out
-    loss on clean GSM8K test answers. Runs already in `runs` (same variant and seed) are kept."""
+def deciders():
+    from mechsieve.tokens.excess_loss import ExcessLoss, ExcessLossConfig
     from mechsieve.tokens.xtf import Xtf, XtfConfig
+
+    return {"xtf_paper": ("xtf_paper", Xtf(XtfConfig(preset="paper"), words=["x"])),
+            "xtf_robust": ("xtf_robust", Xtf(XtfConfig(tr_embedding="context_free"), words=["x"])),
+            "excess_loss": ("excess_loss", ExcessLoss(ExcessLossConfig())),
+            "excess_loss_below_0": ("excess_loss", ExcessLoss(ExcessLossConfig(rule="threshold", threshold=0.0)))}
+
+
+def masks_of(cached) -> dict:
+    """masker -> (masks on the injected copy, masks on the clean copy)."""
+    return {name: tuple(dec.decide(cached["scores"][(src, copy)]) for copy in ("injected", "clean"))
+            for name, (src, dec) in deciders().items()}
+
+
+def detection(cached, tokenizer) -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    scores = cached["scores"]
+    elig = np.concatenate(scores[("xtf_paper", "injected")].eligible)
+    injected = np.concatenate(cached["truth"])[elig]
+    out = {"eligible_tokens": int(elig.sum()), "injected_tokens": int(injected.sum()),
+           "injected_share": round(float(injected.mean()), 4), "roc_auc": {}, "maskers": {}}
+    # threshold-free: how well each raw score ranks the injected tokens first
+    for src, name, sign in (("xtf_paper", "ri", -1), ("xtf_paper", "kn", 1), ("xtf_paper", "tr", -1),
+                            ("xtf_robust", "ri", -1), ("xtf_robust", "tr", -1), ("excess_loss", "el", -1)):
+        v = np.concatenate(scores[(src, "injected")].scores[name])[elig]
+        ok = np.isfinite(v)
+        out["roc_auc"][f"{src.removeprefix('xtf_')}_{name}"] = {
+            "auc": round(float(roc_auc_score(injected[ok], sign * v[ok])), 4), "scored_share": round(float(ok.mean()), 4)}
+    out["roc_auc_note"] = ("low score = noise, but paper_kn (high probability = noise); tokens a score leaves "
+                           "unscored (NaN: numbers under robust TR) are left out of its AUC")
+    clean_elig = scores[("xtf_paper", "clean")].eligible
+    pieces = {}
+    arith_all = []
+    for r, e in zip(cached["rendered_clean"], clean_elig):
+        for t in r.input_ids[e]:
+            t = int(t)
+            if t not in pieces:
+                pieces[t] = bool(ARITH.match(tokenizer.decode([t])))
+            arith_all.append(pieces[t])
+    arith_all = np.asarray(arith_all)
+    out["clean_digit_operator_share"] = round(float(arith_all.mean()), 4)
+    for name, (on_injected, on_clean) in masks_of(cached).items():
+        reasons = np.concatenate(on_injected.reasons)[elig]
+        row = {"union": pr(reasons > 0, injected), "decision": on_injected.info}
+        for attr, bit in (("ri", 1), ("kn", 2), ("tr", 4)):
+            if (reasons & bit).any() or name.startswith("xtf"):
+                row[attr] = pr((reasons & bit) > 0, injected)
+        clean_masked = np.concatenate([m[e] for m, e in zip(on_clean.masks, clean_elig)])
+        share = float(arith_all[clean_masked].mean()) if clean_masked.any() else 0.0
+        row["clean_copy"] = {"masked_share": round(float(clean_masked.mean()), 4),
+                             "digit_operator_share_of_masked": round(share, 4),
+                             "over_masks_digits": share > 1.5 * float(arith_all.mean())}
+        out["maskers"][name] = row
+    best = max(out["maskers"], key=lambda k: out["maskers"][k]["union"]["f1"])
+    out["best_masker"] = best
+    return out
+
+
+def phase_train(args, cached, best: str, runs: dict, save) -> None:
     from mechsieve.train import TrainConfig, TrainItem
 
-    rendered, scores = cached["rendered"], cached["scores"]
-    masks = Xtf(XtfConfig()).decide(scores)  # paper defaults, all three attributes
-    masked_labels = masks.labels(rendered)
-    variants = {
-        "unmasked": [TrainItem(r.input_ids, np.where(r.response_mask, r.input_ids, -100)) for r in rendered],
-        "xtf_masked": [TrainItem(r.input_ids, lab) for r, lab in zip(rendered, masked_labels)],
-    }
+    rendered = cached["rendered"]
+    masks = {name: on_injected for name, (on_injected, _) in masks_of(cached).items()}
+    elig = cached["scores"][("xtf_paper", "injected")].eligible
+    rate = float(np.concatenate(masks[best].masks)[np.concatenate(elig)].mean())
+    unmasked = [TrainItem(r.input_ids, np.where(r.response_mask, r.input_ids, -100)) for r in rendered]
     test = heldout_gsm8k(args.test)
     evaluation = EvalSettings(max_len=args.max_len, max_tokens=2048)
     runs.setdefault("runs", [])
     runs.update({"steps": args.steps, "max_tokens": args.train_tokens, "learning_rate": args.lr,
-                 "test_examples": len(test), "seeds": args.seeds})
+                 "test_examples": len(test), "seeds": list(SEEDS), "best_masker": best,
+                 "random_mask_rate": round(rate, 4)})
     done = {(r["variant"], r["seed"]) for r in runs["runs"]}
     if "base_loss" not in runs:
         runs["base_loss"] = finetune_and_eval([], None, test, evaluation=evaluation, progress=False).heldout
         save()
-    for seed in args.seeds:
+    for seed in SEEDS:
+        rng = np.random.default_rng(1000 + seed)
+        random_masks = [e & (rng.random(len(e)) < rate) for e in elig]
+        variants = {"unmasked": unmasked,
+                    **{name: [TrainItem(r.input_ids, lab) for r, lab in zip(rendered, m.labels(rendered))]
+                       for name, m in masks.items()},
+                    "random_mask": [TrainItem(r.input_ids, np.where(r.response_mask & ~m, r.input_ids, -100))
+                                    for r, m in zip(rendered, random_masks)]}
         for variant, items in variants.items():
-            if (variant, seed) in done:
+            trained = {"unmasked", "random_mask", "xtf_paper", "xtf_robust", "excess_loss", best}
+            if (variant, seed) in done or (variant not in trained and not args.all_maskers):
                 continue
             cfg = TrainConfig(max_steps=args.steps, learning_rate=args.lr, warmup_steps=3,
                               max_tokens=args.train_tokens, seed=seed)
             res = finetune_and_eval(items, cfg, test, evaluation=evaluation, progress=not args.quiet,
                                     label=f"{variant} seed {seed}")
             runs["runs"].append({"variant": variant, "seed": seed, **res.record()})
+            print(f"[train] {variant} seed {seed}: {res.record()['heldout']['loss_per_token']:.4f}", flush=True)
             save()
     by: dict[str, list[float]] = {}
     for r in runs["runs"]:
         by.setdefault(r["variant"], []).append(r["heldout"]["loss_per_token"])
     runs["loss_per_token"] = {k: spread(v) for k, v in by.items()}
-    if {"unmasked", "xtf_masked"} <= by.keys():
-        runs["masked_below_unmasked"] = runs["loss_per_token"]["xtf_masked"]["mean"] < \
-            runs["loss_per_token"]["unmasked"]["mean"]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--phase", choices=["score", "detect", "train", "all"], default="all")
     p.add_argument("--n", type=int, default=400, help="GSM8K train examples")
+    p.add_argument("--n-ref", type=int, default=64, help="clean in-domain GSM8K problems after the pool's")
     p.add_argument("--rate", type=float, default=0.3, help="share of answers that get an injected span")
     p.add_argument("--seed", type=int, default=0, help="seed of the injection")
     p.add_argument("--max-len", type=int, default=512)
@@ -154,38 +220,56 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30, help="LoRA optimizer steps per run")
     p.add_argument("--train-tokens", type=int, default=1024, help="token budget of a training micro-batch")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--all-maskers", action="store_true",
+                   help="also fine-tune on the second excess-loss rule's mask (below 0) when it is not the best")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    results = Results("token_noise", "B3 token noise (XTF)", model="smollm2-135m-instruct (float32, CPU)",
+    from mechsieve.models.loading import load_tokenizer
+
+    results = Results("token_noise", "B3 token noise (fair)", model="smollm2-135m-instruct (float32, CPU)",
                       argv=argv)
     if args.phase in ("score", "all"):
-        phase_score(args)
-    with open(CACHE / "scores.pkl", "rb") as fh:
-        cached = pickle.load(fh)
-    sa = cached["args"]
-    if args.phase == "score":  # new scores: fine-tunes on the old masks no longer belong to them
-        results.drop("fine_tune")
-    if args.phase in ("score", "all") or "scoring" not in results.data:
-        results.phase("scoring").update({
-            "data": {"train": f"GSM8K train first {sa['n']}", "injected_rate": sa["rate"],
-                     "injection_seed": sa["seed"], "spans": "1-3 consecutive TinyStories sentences",
-                     "injected_examples": sum(s is not None for s in cached["spans"]), "render": cached["render"]},
-            "seconds": round(cached["seconds"], 1), "info": cached["scores"].info})
+        results.drop("fine_tune")  # new scores: fine-tunes on the old masks no longer belong to them
+        out = results.phase("scoring")
+        cached = phase_score(args)
+        sa = cached["args"]
+        out.update({"data": {"train": f"GSM8K train first {sa['n']}", "in_domain": f"GSM8K train {sa['n']}.."
+                             f"{sa['n'] + sa['n_ref'] - 1}", "injected_rate": sa["rate"], "injection_seed": sa["seed"],
+                             "spans": "1-3 consecutive TinyStories sentences",
+                             "injected_examples": sum(s is not None for s in cached["spans"]),
+                             "render": cached["render"]},
+                    "seconds": cached["seconds"],
+                    "info": {f"{k[0]}/{k[1]}": v.info for k, v in cached["scores"].items()}})
         results.save(finished="scoring")
-    results.targets().update({"union_recall": ">= 0.5", "union_precision": ">= 0.5",
-                              "fine_tune": "masked held-out loss below unmasked"})
-    results.phase("detection").update(detection(cached))
+    else:
+        with open(CACHE / "scores.pkl", "rb") as fh:
+            cached = pickle.load(fh)
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    det = results.phase("detection")
+    det.update(detection(cached, tokenizer))
     results.save(finished="detection")
-    d = results["detection"]["settings"]["paper_defaults/ri+kn+tr"]["union"]
-    print(f"token_noise: union precision {d['precision']} recall {d['recall']} (paper defaults); "
-          f"AUC {results['detection']['roc_auc']}")
+    best = det["best_masker"]
+    b = det["maskers"][best]["union"]
+    t = results.targets()
+    t.update({"best_masker": best, "best_precision": b["precision"], "best_recall": b["recall"],
+              "best_precision_and_recall_at_least_0_5": b["precision"] >= 0.5 and b["recall"] >= 0.5,
+              "robust_ri_auc": det["roc_auc"]["robust_ri"]["auc"], "robust_tr_auc": det["roc_auc"]["robust_tr"]["auc"],
+              "robust_ri_and_tr_auc_at_least_0_75": min(det["roc_auc"]["robust_ri"]["auc"],
+                                                        det["roc_auc"]["robust_tr"]["auc"]) >= 0.75,
+              "best_over_masks_digits_on_clean": det["maskers"][best]["clean_copy"]["over_masks_digits"]})
+    results.save()
+    print(f"token_noise: best masker {best}: precision {b['precision']} recall {b['recall']}; AUC "
+          f"{ {k: v['auc'] for k, v in det['roc_auc'].items()} }", flush=True)
     if args.phase in ("train", "all"):
         runs = results.phase("fine_tune", merge=args.phase == "train")
-        phase_train(args, cached, runs, results.save)
+        phase_train(args, cached, best, runs, results.save)
+        lpt = runs["loss_per_token"]
+        if {best, "unmasked", "random_mask"} <= lpt.keys():
+            t.update({"best_beats_unmasked_2std": beats_by(lpt[best]["mean"], lpt["unmasked"]),
+                      "best_beats_random_mask_2std": beats_by(lpt[best]["mean"], lpt["random_mask"]),
+                      "best_loss": lpt[best], "unmasked_loss": lpt["unmasked"], "random_mask_loss": lpt["random_mask"]})
         results.save(finished="fine_tune")
-        print(f"token_noise: held-out loss/token {runs.get('loss_per_token')} (base "
-              f"{runs['base_loss']['loss_per_token']:.4f})")
+        print(f"token_noise: held-out loss/token {lpt}", flush=True)
     print(f"wrote {results.path}")
     return 0
 

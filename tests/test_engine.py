@@ -294,16 +294,21 @@ def test_capture_and_token_scores_through_shards_match_one_pass(folder_model, tm
     assert json.loads((tmp_path / "cap" / "activations.json").read_text())["ids"] == [ex.id for ex in pool.examples]
     assert not (tmp_path / "cap" / "shards").exists()
 
-    xcfg = XtfConfig(max_tokens=200)
     words = ["clips", "answer", "function"]
     rendered, _ = render_pool(pool.examples, folder_model.tokenizer, render_cfg)
-    one = Xtf(xcfg, words=words).score(folder_model.model, folder_model.tokenizer, rendered, progress=False)
-    shards = token_scores_sharded(folder_model, pool.examples, xcfg, words, render_cfg, tmp_path / "tok", LOCAL,
-                                  progress=False)
-    for name in ("ri", "kn", "tr"):
-        for a, b in zip(shards.scores[name], one.scores[name]):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert all(np.array_equal(a, b) for a, b in zip(shards.eligible, one.eligible))
+    # the paper's three attributes; the robust preset with contextual TR against an in-domain set
+    # (its centre is the in-domain states' mean, not the shard's, so shards agree with one pass)
+    for xcfg, target, names in ((XtfConfig(preset="paper", max_tokens=200), None, {"ri", "kn", "tr"}),
+                                (XtfConfig(max_tokens=200, tr_layer=1), mixed_pool(3).examples, {"ri", "tr"})):
+        one = Xtf(xcfg, words=words, target=target, render_cfg=render_cfg).score(
+            folder_model.model, folder_model.tokenizer, rendered, progress=False)
+        shards = token_scores_sharded(folder_model, pool.examples, xcfg, words, render_cfg,
+                                      tmp_path / f"tok-{xcfg.preset}", LOCAL, progress=False, target=target)
+        assert set(shards.scores) == set(one.scores) == names
+        for name in names:
+            for a, b in zip(shards.scores[name], one.scores[name]):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert all(np.array_equal(a, b) for a, b in zip(shards.eligible, one.eligible))
 
 
 def test_a_rerun_with_another_shard_size_never_reuses_shards_of_other_examples(folder_model, tmp_path,

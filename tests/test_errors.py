@@ -59,7 +59,7 @@ def test_multiple_choice_without_options(model_dir, qa_pool, tmp_path, capsys):
 def test_multi_otsu_on_too_few_values(model_dir, tmp_path, capsys):
     pool = write_jsonl(tmp_path / "tiny.jsonl", [{"question": "How many clips?", "answer": "72"}])
     code = main(["mask-tokens", "--pool", str(pool), "--model", str(model_dir), "--domain", "math",
-                 "--attributes", "tr", "--out", str(tmp_path / "masked"), "--quiet"])
+                 "--attributes", "tr", "--preset", "paper", "--out", str(tmp_path / "masked"), "--quiet"])
     assert code == 2
     line = _one_line_error(capsys, "mask-tokens")
     assert "cannot make 5 classes" in line and "xtf.tr_classes" in line

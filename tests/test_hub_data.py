@@ -171,6 +171,9 @@ def test_a_saved_datasetdict_with_an_empty_other_split_reads(tmp_path):
     # load_from_disk on the whole dict fails with an IndexError on the empty split
     dd = _saved_dict(tmp_path / "dd")
     assert [q for _, q in _questions(read_pool(dd))] == [f"q{i}" for i in range(10)]
+    pool = read_pool(dd)  # and a subset of it writes back (the writer opens the one split too)
+    out = write_subset(pool, [pool.examples[2].id, pool.examples[5].id], tmp_path / "sub")
+    assert _questions(read_pool(out)) == [(0, "q2"), (1, "q5")]
     assert _questions(read_pool(dd, split="train[-2:]")) == [(8, "q8"), (9, "q9")]
     with pytest.raises(DataError, match=r"dd: no records$"):
         read_pool(dd, split="test")
@@ -219,3 +222,15 @@ def test_split_and_subset_flags_on_commands(tmp_path, gsm8k, capsys):
     args = argparse.Namespace(target="t.jsonl", target_split="test[:3]", target_subset="main")
     assert data_flags(args, "target", "target") == {"target.path": "t.jsonl", "target.split": "test[:3]",
                                                      "target.subset": "main"}
+
+
+def test_select_takes_the_target_split_and_subset(capsys):
+    import yaml
+
+    from mechsieve.cli import main
+
+    assert main(["select", "--pool", "p.jsonl", "--target", "openai/gsm8k", "--target-subset", "main",
+                 "--target-split", "test[:32]", "--target-encoding", "latin-1", "--print-config"]) == 0
+    target = yaml.safe_load(capsys.readouterr().out)["target"]
+    assert (target["path"], target["subset"], target["split"], target["encoding"]) == \
+        ("openai/gsm8k", "main", "test[:32]", "latin-1")

@@ -69,7 +69,7 @@ def runs(tmp_path_factory, model_dir, loaded):
                      "--set", "scorer.dev_size=2", "--set", "scorer.alphas=[2.0]"]) == 0
         # token masks (XTF)
         assert main(["mask-tokens", "--pool", str(math_file), "--model", str(model_dir), "--domain", "math",
-                     "--out", str(root / "mask-tokens"), "--quiet", "--set", "xtf.tr_classes=3",
+                     "--out", str(root / "mask-tokens"), "--quiet", "--preset", "paper", "--set", "xtf.tr_classes=3",
                      # loose thresholds, so that the tiny random model gets tokens of every attribute
                      "--set", "xtf.kn_threshold=0.0", "--set", "xtf.p_kn=0.3", "--set", "xtf.ri_iqr_k=-1.0",
                      "--set", "xtf.p_ri=0.3"]) == 0
@@ -364,7 +364,8 @@ def test_snippet_and_marked_text_parsing():
     m = {"id": "a", "masked": 2, "eligible": 5, "marked": "The [[ sum]]^RT is [[ 42]]^K.",
          "tokens": [{"token": " sum", "reasons": ["ri", "tr"], "ri": 0.1, "kn": 0.2, "tr": None},
                     {"token": " 42", "reasons": ["kn"], "ri": 0.3, "kn": 0.9, "tr": 0.5}]}
-    page = Page(marked_example(m, list(BITS)))
+    assert list(BITS) == ["ri", "kn", "tr", "el"]
+    page = Page(marked_example(m, ["ri", "kn", "tr"]))
     spans = page.find("span", cls="tok")
     assert [(text_of(s), s["attrs"]["class"], s["attrs"]["data-why"]) for s in spans] == \
         [(" sum", "tok ri tr", "RT"), (" 42", "tok kn", "K")]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from mechsieve.config import ConfigError
 from mechsieve.data.records import Example
 from mechsieve.data.render import RenderConfig, render_pool
 from mechsieve.tokens.attributes import (
@@ -56,7 +57,7 @@ def test_received_attention_hand_values():
 def test_ri_varies_and_matches_unbatched_reference(make_model, tokenizer):
     model = make_model("llama")
     rendered, _ = render_pool(_examples(5), tokenizer, RenderConfig(max_len=128))
-    xtf = Xtf(XtfConfig(attributes=["ri"], max_tokens=90))  # forces several padded batches
+    xtf = Xtf(XtfConfig(preset="paper", attributes=["ri"], max_tokens=90))  # forces several padded batches
     scores = xtf.score(model, tokenizer, rendered, progress=False)
     model.set_attn_implementation("eager")
     try:
@@ -78,7 +79,7 @@ def test_ri_varies_and_matches_unbatched_reference(make_model, tokenizer):
 def test_kn_matches_hand_probabilities(make_model, tokenizer):
     model = make_model("llama")
     rendered, _ = render_pool(_examples(4), tokenizer, RenderConfig(max_len=48))
-    scores = Xtf(XtfConfig(attributes=["kn"], max_tokens=100)).score(model, tokenizer, rendered, progress=False)
+    scores = Xtf(XtfConfig(preset="paper", attributes=["kn"], max_tokens=100)).score(model, tokenizer, rendered, progress=False)
     for r, kn in zip(rendered[:2], scores.scores["kn"][:2]):  # the two longest share a padded batch
         assert np.isnan(kn[0]) and np.isfinite(kn[1:]).all()
         for j in range(1, len(r), 6):
@@ -106,7 +107,7 @@ def test_tr_embeddings_and_cosine_by_hand(make_model, tokenizer):
         torch.testing.assert_close(emb[k], h, rtol=1e-5, atol=1e-5)
     words = ["clips", "sold"]
     rendered, _ = render_pool(_examples(3), tokenizer, RenderConfig(max_len=64))
-    scores = Xtf(XtfConfig(attributes=["tr"]), words=words).score(model, tokenizer, rendered, progress=False)
+    scores = Xtf(XtfConfig(preset="paper", attributes=["tr"]), words=words).score(model, tokenizer, rendered, progress=False)
     word_vecs = [context_free_embeddings(model, word_token_ids(tokenizer, w)).mean(0) for w in words]
     domain = torch.stack(word_vecs).mean(0)
     r, tr = rendered[0], scores.scores["tr"][0]
@@ -154,7 +155,7 @@ def test_decide_caps_hold_for_every_example():
         ri.append(rng.standard_cauchy(t).astype(np.float32))
         kn.append(rng.beta(5, 0.3, t).astype(np.float32))  # most above 0.95
         tr.append(rng.normal(0, 1, t).astype(np.float32))
-    cfg = XtfConfig(p_ri=0.05, p_kn=0.1, p_tr=0.1, tr_classes=3)
+    cfg = XtfConfig(preset="paper", p_ri=0.05, p_kn=0.1, p_tr=0.1, tr_classes=3)
     masks = Xtf(cfg, words=["x"]).decide(TokenScores({"ri": ri, "kn": kn, "tr": tr}, eligible))
     assert len(masks.info["tr_thresholds"]) == 2
     for e, m, reason in zip(eligible, masks.masks, masks.reasons):
@@ -192,7 +193,8 @@ def test_mask_tokens_command_labels_line_up_after_collation(model_dir, tmp_path,
                             for ex in _examples(8)))
     out = tmp_path / "masked"
     code = main(["mask-tokens", "--pool", str(pool), "--model", str(model_dir), "--domain", "math",
-                 "--out", str(out), "--quiet", "--set", "xtf.p_kn=0.5", "--set", "xtf.tr_classes=3"])
+                 "--out", str(out), "--quiet", "--preset", "paper", "--set", "xtf.p_kn=0.5",
+                 "--set", "xtf.tr_classes=3"])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["masked_tokens"]["union"] > 0 and len(summary["most_masked"]) == 5
@@ -229,3 +231,180 @@ def test_marked_response_shows_reasons(tokenizer):
     text = marked_response(tokenizer, r, reasons)
     assert f"[[{tokenizer.decode([int(r.input_ids[pos])])}]]^RT" in text
     assert text.count("[[") == 1
+
+
+# --- the robust preset ---------------------------------------------------------------------------
+
+def test_relative_received_attention_by_hand():
+    """Uniform baseline over the keys a query could see, the sink (first token) and the diagonal
+    excluded; left padding gives the same values one column on."""
+    from mechsieve.tokens.robust import relative_received_attention
+
+    a = torch.zeros(1, 1, 4, 4)
+    a[0, 0, 0, 0] = 1.0
+    a[0, 0, 1, :2] = torch.tensor([0.9, 0.1])
+    a[0, 0, 2, :3] = torch.tensor([0.6, 0.3, 0.1])
+    a[0, 0, 3, :] = torch.tensor([0.5, 0.3, 0.1, 0.1])
+    total, n = relative_received_attention(a, torch.ones(1, 4, dtype=torch.bool), torch.tensor([0]))
+    # query 2 sees key 1 only: rel = 1; query 3 sees keys 1, 2: rel = 0.3 * 2 / 0.4 = 1.5 and 0.5
+    np.testing.assert_allclose(total[0].numpy(), [0.0, 1.0 + 1.5, 0.5, 0.0], atol=1e-6)
+    assert n[0].tolist() == [0, 2, 1, 0]
+    padded = torch.zeros(1, 1, 5, 5)
+    padded[0, 0, 1:, 1:] = a[0, 0]
+    valid = torch.tensor([[False, True, True, True, True]])
+    total2, n2 = relative_received_attention(padded, valid, torch.tensor([1]))
+    np.testing.assert_allclose(total2[0, 1:].numpy(), total[0].numpy(), atol=1e-6)
+    assert n2[0, 1:].tolist() == n[0].tolist() and n2[0, 0] == 0
+
+
+def test_spans_numbers_and_the_pool_rules_by_hand():
+    from mechsieve.tokens.robust import (
+        below_cut,
+        centred_cosine,
+        example_percentile,
+        low_cut,
+        numeric_tokens,
+        smooth_over_spans,
+        span_ids,
+    )
+
+    pieces = ["Tom", " has", " 3", ".", " He", " is", " happy", "!\n", "12", "+", " 4.5", " apples"]
+    spans = span_ids(pieces)
+    assert spans.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+    assert span_ids([" 4", ".", "5", " kg", ".", " Then"]).tolist() == [0, 0, 0, 0, 0, 1]  # a decimal point
+    assert numeric_tokens(pieces).tolist() == [False, False, True, False, False, False, False, False,
+                                               True, True, True, False]
+    scores = np.arange(12, dtype=np.float32)
+    scores[2] = np.nan
+    elig = np.ones(12, dtype=bool)
+    elig[0] = False
+    smooth = smooth_over_spans(scores, elig, spans)
+    assert smooth[0] == 0 and np.isnan(smooth[2])  # not eligible / not scored: unchanged
+    np.testing.assert_allclose(smooth[[1, 3]], [2.0, 2.0])  # mean of 1 and 3
+    np.testing.assert_allclose(smooth[4:8], 5.5)
+    # mad: median 3, MAD 1 -> cut 3 - 3 * 1.4826; no spread -> no cut
+    assert low_cut(np.array([1.0, 2, 3, 4, 5]), "mad", 3.0, 0.05) == pytest.approx(3 - 3 * 1.4826)
+    assert np.isnan(low_cut(np.array([1.0, 1, 1, 1, 9]), "mad", 3.0, 0.05))
+    assert low_cut(np.arange(101.0), "share", 3.0, 0.05) == pytest.approx(5.0)
+    s = np.array([0.0, 5, 5, -9, -8, 5, 5, 5, 5, 5])
+    e = np.ones(10, dtype=bool)
+    assert np.flatnonzero(below_cut(s, e, -1.0, 1.0, inclusive=False)).tolist() == [3, 4]
+    assert np.flatnonzero(below_cut(s, e, -1.0, 0.1, inclusive=False)).tolist() == [3]  # cap 1: the lowest
+    assert not below_cut(s, e, float("nan"), 1.0, inclusive=False).any()
+    assert np.flatnonzero(example_percentile(s, e, 0.2, 1.0)).tolist() == [3, 4]
+    v = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
+    d, c = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    manual = [float(torch.nn.functional.cosine_similarity(x - c, d - c, dim=0)) for x in v]
+    np.testing.assert_allclose(centred_cosine(v, d, c).numpy(), manual, atol=1e-6)
+
+
+def test_presets_fill_only_what_was_left_unset():
+    paper, robust = XtfConfig(preset="paper"), XtfConfig()
+    assert (paper.attributes, paper.ri_layers, paper.rule, paper.p_tr) == (["ri", "kn", "tr"], "all", "paper", 0.10)
+    assert (robust.attributes, robust.ri_layers, robust.ri_baseline, robust.rule, robust.smooth_spans) == \
+        (["ri", "tr"], "middle", "uniform", "mad", True)
+    assert XtfConfig(preset="paper", rule="mad").rule == "mad"
+    with pytest.raises(ConfigError, match="xtf.preset"):
+        XtfConfig(preset="papr")
+    with pytest.raises(ConfigError, match="xtf.rule"):
+        XtfConfig(rule="fence")
+    with pytest.raises(ConfigError, match="contextual reads the domain from an in-domain set"):
+        Xtf(XtfConfig(tr_embedding="contextual"))
+
+
+def test_robust_scores_on_a_tiny_model(make_model, tokenizer):
+    """Contextual TR against a hand computation; numbers never TR noise; spans share a score."""
+    from mechsieve.models.hooks import hook_points
+    from mechsieve.tokens.robust import numeric_tokens, span_ids
+
+    model = make_model("llama")
+    examples = _examples(6)
+    rendered, _ = render_pool(examples[:4], tokenizer, RenderConfig(max_len=96))
+    cfg = XtfConfig(tr_layer=1, tr_top_k=2, smooth_spans=False, max_tokens=120)
+    xtf = Xtf(cfg, target=examples[4:], render_cfg=RenderConfig(max_len=96))
+    scores = xtf.score(model, tokenizer, rendered, progress=False)
+    assert scores.info["tr"]["embedding"] == "contextual"
+    # the in-domain token states at block 1, centred on their mean
+    target_r, _ = render_pool(examples[4:], tokenizer, RenderConfig(max_len=96))
+    elig_t = [r.response_mask & ~np.isin(r.input_ids, tokenizer.all_special_ids) for r in target_r]
+    states = []
+    for r, e in zip(target_r, elig_t):
+        with torch.no_grad():
+            hs = model(torch.as_tensor(r.input_ids)[None], output_hidden_states=True).hidden_states[2][0]
+        states.append(hs[torch.from_numpy(e)])
+    states = torch.cat(states)
+    centre = states.mean(0)
+    unit = torch.nn.functional.normalize(states - centre, dim=-1)
+    r, tr = rendered[0], scores.scores["tr"][0]
+    with torch.no_grad():
+        h = model(torch.as_tensor(r.input_ids)[None], output_hidden_states=True).hidden_states[2][0]
+    pieces = [tokenizer.decode([int(t)]) for t in r.input_ids]
+    numeric = numeric_tokens(pieces)
+    checked = 0
+    for pos in np.flatnonzero(scores.eligible[0]):
+        if numeric[pos]:
+            assert np.isnan(tr[pos])
+            continue
+        sims = torch.nn.functional.normalize(h[pos] - centre, dim=0) @ unit.T
+        assert tr[pos] == pytest.approx(float(sims.topk(2).values.mean()), abs=1e-4)
+        checked += 1
+    assert checked > 3 and numeric[scores.eligible[0]].any()
+    assert hook_points(model).n_layers >= 2
+    # with span smoothing (the preset's), every scored token of a span has one value
+    smooth = Xtf(XtfConfig(tr_layer=1, max_tokens=120), target=examples[4:],
+                 render_cfg=RenderConfig(max_len=96)).score(model, tokenizer, rendered, progress=False)
+    spans = span_ids(pieces)
+    ri = smooth.scores["ri"][0]
+    for span in np.unique(spans[smooth.eligible[0]]):
+        vals = ri[(spans == span) & smooth.eligible[0] & np.isfinite(ri)]
+        assert len(vals) == 0 or np.ptp(vals) < 1e-6
+    masks = xtf.decide(smooth)
+    assert masks.info["rule"] == "mad" and set(masks.info["cuts"]) == {"ri", "tr"}
+
+
+def test_robust_context_free_tr_is_centred_on_a_vocabulary_sample(make_model, tokenizer):
+    from mechsieve.tokens.robust import centred_cosine
+    from mechsieve.tokens.xtf import vocabulary_sample
+
+    model = make_model("llama")
+    rendered, _ = render_pool(_examples(2), tokenizer, RenderConfig(max_len=64))
+    words = ["clips", "sold"]
+    scores = Xtf(XtfConfig(attributes=["tr"], smooth_spans=False, tr_protect_numeric=False), words=words).score(
+        model, tokenizer, rendered, progress=False)
+    sample = vocabulary_sample(model, tokenizer)
+    assert scores.info["tr"]["centre_tokens"] == len(sample) > 0
+    centre = context_free_embeddings(model, sample).mean(0)
+    domain = torch.stack([context_free_embeddings(model, word_token_ids(tokenizer, w)).mean(0) for w in words]).mean(0)
+    pos = int(np.flatnonzero(scores.eligible[0])[1])
+    tok = context_free_embeddings(model, [int(rendered[0].input_ids[pos])])
+    assert scores.scores["tr"][0][pos] == pytest.approx(float(centred_cosine(tok, domain, centre)[0]), abs=1e-5)
+
+
+def test_mask_tokens_robust_with_a_target_and_excess_loss_through_the_cli(model_dir, tmp_path, capsys):
+    import datasets
+
+    from mechsieve.cli import main
+
+    rows = [{"question": ex.prompt[0]["content"], "answer": ex.response} for ex in _examples(8)]
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    target = tmp_path / "clean.jsonl"
+    target.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    common = ["mask-tokens", "--pool", str(pool), "--model", str(model_dir), "--quiet", "--max-len", "64"]
+    assert main([*common, "--target", str(target), "--out", str(tmp_path / "robust"),
+                 "--set", "xtf.tr_layer=1"]) == 0
+    summary = json.loads((tmp_path / "robust" / "summary.json").read_text())
+    assert summary["scoring"]["tr"]["embedding"] == "contextual" and summary["decision"]["rule"] == "mad"
+    assert set(summary["masked_share"]) == {"ri", "tr", "union"}
+    assert summary["settings"]["target"] == {"path": str(target), "examples": 4}
+    assert main([*common, "--masker", "excess-loss", "--target", str(target), "--out", str(tmp_path / "el"),
+                 "--set", "excess_loss.train.max_steps=2"]) == 0
+    summary = json.loads((tmp_path / "el" / "summary.json").read_text())
+    assert set(summary["masked_share"]) == {"el", "union"} and summary["decision"]["rule"] == "keep_top"
+    eligible = summary["eligible_tokens"]
+    assert summary["masked_tokens"]["el"] == int(0.4 * eligible + 1e-9)  # the lowest 40% of the pool
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "el" / "parquet" / "train.parquet"))["train"]
+    assert {"el", "loss_base", "loss_ref", "labels", "mask_reason"} <= set(ds.column_names)
+    capsys.readouterr()
+    assert main([*common, "--masker", "excess-loss", "--out", str(tmp_path / "none")]) == 2
+    assert "--masker excess-loss fits its reference model on clean in-domain examples" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from mechsieve.commands._common import (
     add_config_flags,
@@ -30,6 +31,7 @@ from mechsieve.data.readers import DataConfig
 from mechsieve.data.render import RenderConfig
 from mechsieve.engine.base import EngineConfig
 from mechsieve.models.loading import ModelConfig
+from mechsieve.tokens.excess_loss import ExcessLossConfig
 from mechsieve.tokens.xtf import XtfConfig
 
 NAME = "mask-tokens"
@@ -43,7 +45,14 @@ class MaskTokensCommand:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
+    masker: Literal["xtf", "excess-loss"] = "xtf"
+    """`xtf` (its `xtf` settings) or `excess-loss` (its `excess_loss` settings; needs `target`, the
+    clean in-domain set its reference is fitted on, unless excess_loss.reference names one)."""
     xtf: XtfConfig = field(default_factory=XtfConfig)
+    excess_loss: ExcessLossConfig = field(default_factory=ExcessLossConfig)
+    target: DataConfig = field(default_factory=DataConfig)
+    """Clean in-domain examples: the domain of XTF's contextual task relevance (robust preset), and
+    what excess-loss fits its reference model on."""
     out: str = "runs/mask-tokens"
     """Output folder: the tokenized dataset and summary.json."""
     top: int = 5
@@ -63,15 +72,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_overwrite_flag(p)
     p.add_argument("--domain", choices=["math", "code", "medicine"], help="built-in word list for task relevance")
     p.add_argument("--words-file", help="your own word list for task relevance (one word a line)")
-    p.add_argument("--attributes", help="comma-separated subset of ri,kn,tr (default all three)")
-    p.add_argument("--ri-layers", choices=["all", "last"], help="attention of all layers (default) or the last")
+    p.add_argument("--masker", choices=["xtf", "excess-loss"], help="xtf (default) or excess-loss (needs --target)")
+    p.add_argument("--preset", choices=["robust", "paper"], help="XTF's rules: robust (default) or the paper's")
+    p.add_argument("--target", help="clean in-domain examples (the domain of contextual task relevance)")
+    p.add_argument("--attributes", help="comma-separated subset of ri,kn,tr (default: the preset's)")
+    p.add_argument("--ri-layers", choices=["all", "last", "middle"],
+                   help="attention of all layers, the last, or the middle half (default: the preset's)")
     p.add_argument("--max-len", "--max_length", type=int, help="longest rendered example (tokens)")
     add_engine_flags(p)
     add_config_flags(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from mechsieve.config import to_dict
+    from mechsieve.config import ConfigError, to_dict
     from mechsieve.data.readers import read_pool
     from mechsieve.models.loading import load_model, load_tokenizer, resolve_model_path
     from mechsieve.store.outputs import OutputFolder
@@ -79,16 +92,24 @@ def run(args: argparse.Namespace) -> int:
         PARQUET,
         mask_examples,
         mask_examples_sharded,
+        run_masker,
         write_masked,
     )
     from mechsieve.tokens.xtf import bundled_words, parse_word_list
 
-    flags = {**model_flags(args), **data_flags(args), "out": args.out, "xtf.domain": args.domain,
+    flags = {**model_flags(args), **data_flags(args), **data_flags(args, "target", "target"), "out": args.out,
+             "masker": args.masker, "xtf.preset": args.preset, "xtf.domain": args.domain,
              "xtf.words_file": args.words_file, "xtf.ri_layers": args.ri_layers,
              "xtf.attributes": args.attributes.split(",") if args.attributes else None,
              "render.max_len": args.max_len, **engine_flags(args)}
     cfg = build_config(MaskTokensCommand, args, flags)
     check_engine(cfg.engine)
+    if cfg.masker == "excess-loss":
+        if not (cfg.target.path or cfg.excess_loss.reference):
+            raise ConfigError("--masker excess-loss fits its reference model on clean in-domain examples: give "
+                              "--target FILE (or excess_loss.reference, a model or adapter folder)")
+        if cfg.engine.sharded:
+            raise ConfigError("--masker excess-loss runs in process: drop --engine / --shard-size")
     folder = OutputFolder(cfg.out, NAME, overwrite=args.overwrite)
     if cfg.xtf.words_file:
         words = parse_word_list(Path(cfg.xtf.words_file).read_text(encoding="utf-8"))
@@ -97,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     pool = read_pool(cfg.data)
     if pool.skipped:
         print(f"skipped {len(pool.skipped)} invalid record(s); first: {pool.skipped[0]}")
+    target = read_pool(cfg.target).examples if cfg.target.path else None
     if cfg.engine.executor == "ray":  # the actors load the model; here only the tokenizer
         model, tokenizer, identity = cfg.model, load_tokenizer(cfg.model), resolve_model_path(cfg.model)[1]
     else:
@@ -104,13 +126,24 @@ def run(args: argparse.Namespace) -> int:
         tokenizer, identity = model.tokenizer, model.identity
     # the dataset's files (data-*.arrow among them) are recorded as they appear
     folder.claim(["dataset_info.json", "state.json", "summary.json", "shards", "parquet"])
-    if cfg.engine.sharded:
+    if cfg.masker == "excess-loss":
+        from mechsieve.tokens.excess_loss import ExcessLoss
+
+        masker = ExcessLoss(cfg.excess_loss)
+        if cfg.excess_loss.reference:
+            masker.load_reference(model)
+        else:
+            masker.fit_reference(model, target, cfg.render, progress=not args.quiet)
+        result = run_masker(masker, model, pool.examples, cfg.render, progress=not args.quiet)
+    elif cfg.engine.sharded:
         result = mask_examples_sharded(model, pool.examples, cfg.xtf, cfg.render, words, cfg.engine,
-                                       Path(cfg.out) / "shards", tokenizer, progress=not args.quiet)
+                                       Path(cfg.out) / "shards", tokenizer, progress=not args.quiet, target=target)
     else:
-        result = mask_examples(model, pool.examples, cfg.xtf, cfg.render, words=words, progress=not args.quiet)
+        result = mask_examples(model, pool.examples, cfg.xtf, cfg.render, words=words, progress=not args.quiet,
+                               target=target)
     settings = {"command": to_dict(cfg), "model": identity, "pool": str(pool.path),
-                "pool_fingerprint": pool.fingerprint(), "words": len(words)}
+                "pool_fingerprint": pool.fingerprint(), "words": len(words),
+                "target": {"path": cfg.target.path, "examples": len(target)} if target else None}
     summary = write_masked(cfg.out, result, tokenizer, settings, top=cfg.top, parquet=cfg.parquet)
     folder.finish()
     print(f"read {len(pool)} examples ({pool.format}) from {pool.path}; {result.render_summary}")

@@ -76,14 +76,15 @@ def _write_disk(pool: Pool, rows: list[int], out_path: Path) -> Path:
     that was read, so that code which opens the pool (`load_from_disk(p)[split]`) opens the subset."""
     import datasets
 
-    ds = datasets.load_from_disk(pool.path)
-    if isinstance(ds, datasets.DatasetDict):
-        if pool.split not in ds:
-            raise ValueError(f"{pool.path}: the DatasetDict no longer has split {pool.split!r} ({list(ds)}); "
+    folder = Path(pool.path)
+    if (folder / "dataset_dict.json").exists():
+        # only the split that was read is opened: another, empty split fails load_from_disk
+        if not (folder / pool.split).is_dir():
+            raise ValueError(f"{pool.path}: the DatasetDict no longer has split {pool.split!r}; "
                              "it changed since it was read")
-        ds = datasets.DatasetDict({pool.split: ds[pool.split].select(rows)})
+        ds = datasets.DatasetDict({pool.split: datasets.load_from_disk(str(folder / pool.split)).select(rows)})
     else:
-        ds = ds.select(rows)
+        ds = datasets.load_from_disk(pool.path).select(rows)
     with atomic_dir(out_path) as tmp:
         ds.save_to_disk(str(tmp))
     return out_path

@@ -325,9 +325,10 @@ def capture_sharded(model: Any, pool: Any, cfg: Any, render_cfg: Any, out_dir: s
         stats.real_tokens += f["real_tokens"]
         stats.padded_tokens += f["padded_tokens"]
         stats.seconds += f["seconds"]
-        for key in ("examples", "tokens", "response_tokens", "truncated", "no_response_left"):
-            setattr(rstats, key, getattr(rstats, key) + r[key])
+        for key in ("examples", "tokens", "response_tokens", "truncated", "no_response_left", "plain_fallback"):
+            setattr(rstats, key, getattr(rstats, key) + r.get(key, 0))  # shards of an older run lack the last
         rstats.truncated_ids.extend(r["truncated_ids"])
+        rstats.fallback_ids.extend(r.get("fallback_ids", []))
     plan = BatchPlan([[] for _ in range(stats.batches)], stats.real_tokens, stats.padded_tokens)
     result = CaptureResult(arrays, outputs[0].meta["layers"], n_resp, plan, stats)
     save_capture(out_dir, result, settings, [ex.id for ex in pool.examples])
@@ -337,7 +338,8 @@ def capture_sharded(model: Any, pool: Any, cfg: Any, render_cfg: Any, out_dir: s
 
 
 def token_scores_sharded(model: Any, examples: list[Any], xtf_cfg: Any, words: list[str], render_cfg: Any,
-                         folder: str | Path, engine: EngineConfig, progress: bool = True) -> Any:
+                         folder: str | Path, engine: EngineConfig, progress: bool = True,
+                         target: list[Any] | None = None) -> Any:
     """XTF per-token scores of `examples` through the engine (shards under `folder`); the masks are
     then decided on the driver (`Xtf.decide`: TR's Multi-Otsu thresholds need every token)."""
     from mechsieve.data.records import Pool
@@ -345,7 +347,7 @@ def token_scores_sharded(model: Any, examples: list[Any], xtf_cfg: Any, words: l
 
     shards = plan_shards(examples, engine.effective_shard_size())
     executor = make_executor(engine)
-    step = TokenScoreStep(xtf_cfg, words, render_cfg, model)
+    step = TokenScoreStep(xtf_cfg, words, render_cfg, model, target=target)
     pool = Pool(list(examples), "", "memory", "memory")
     store = ShardStore(folder, {**step.settings(), "pool": pool.fingerprint(), **shard_key(shards, engine)},
                        engine.overwrite)

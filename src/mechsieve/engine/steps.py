@@ -192,7 +192,8 @@ class CaptureStep(ModelStep):
         meta = {"layers": result.layers,
                 "render": {"examples": stats.examples, "tokens": stats.tokens, "response_tokens": stats.response_tokens,
                            "truncated": stats.truncated, "truncated_ids": stats.truncated_ids,
-                           "no_response_left": stats.no_response_left},
+                           "no_response_left": stats.no_response_left, "plain_fallback": stats.plain_fallback,
+                           "fallback_ids": stats.fallback_ids},
                 "forward": {"batches": result.stats.batches, "real_tokens": result.stats.real_tokens,
                             "padded_tokens": result.stats.padded_tokens, "seconds": result.stats.seconds}}
         return ShardOutput(arrays, meta)
@@ -207,21 +208,25 @@ class TokenScoreStep(ModelStep):
     name = "token-scores"
     transient = ("_loaded", "_masker")
 
-    def __init__(self, xtf_cfg: Any, words: list[str], render_cfg: Any, model: Any = None) -> None:
+    def __init__(self, xtf_cfg: Any, words: list[str], render_cfg: Any, model: Any = None,
+                 target: list[Any] | None = None) -> None:
         super().__init__(model)
         self.xtf_cfg = xtf_cfg
         self.words = list(words)
         self.render_cfg = render_cfg
+        self.target = list(target or [])
         self._masker = None
 
     def settings(self) -> dict[str, Any]:
         import hashlib
 
         from mechsieve.config import to_dict
+        from mechsieve.data.records import fingerprint_examples
 
         words = hashlib.sha256("\n".join(self.words).encode()).hexdigest()[:16]
         return {"step": self.name, "xtf": to_dict(self.xtf_cfg), "render": to_dict(self.render_cfg),
-                "words": words, "model": self.identity}
+                "words": words, "model": self.identity,
+                "target": fingerprint_examples(self.target) if self.target else None}
 
     def run(self, shard: Shard) -> ShardOutput:
         from mechsieve.data.render import render_pool
@@ -229,7 +234,7 @@ class TokenScoreStep(ModelStep):
 
         loaded = self.loaded
         if self._masker is None:  # one per worker: its context-free embedding cache spans shards
-            self._masker = Xtf(self.xtf_cfg, words=self.words)
+            self._masker = Xtf(self.xtf_cfg, words=self.words, target=self.target, render_cfg=self.render_cfg)
         rendered, _ = render_pool(shard.examples, loaded.tokenizer, self.render_cfg)
         scores = self._masker.score(loaded.model, loaded.tokenizer, rendered, progress=False)
         return encode_token_scores(scores)

@@ -29,9 +29,10 @@ from mechsieve.report.runs import AttributionRun, ExperimentRun, SelectionRun, T
 
 ATTR_NAMES = {"ri": "RI: little attention received (reasoning importance)",
               "kn": "KN: already known to the model (knowledge novelty)",
-              "tr": "TR: far from the task's words (task relevance)"}
-LETTERS = {"ri": "R", "kn": "K", "tr": "T"}
-BITS = {"ri": 1, "kn": 2, "tr": 4}
+              "tr": "TR: far from the task's words (task relevance)",
+              "el": "EL: the in-domain reference finds it no likelier than the base (excess loss)"}
+LETTERS = {"ri": "R", "kn": "K", "tr": "T", "el": "E"}
+BITS = {"ri": 1, "kn": 2, "tr": 4, "el": 8}
 
 
 @dataclass
@@ -231,8 +232,9 @@ def masks_section(run: TokenMaskRun, tokenizer: Any, why_no_tokens: str, anchor:
     s = run.summary
     shares = s.get("masked_share") or {}
     masked = s.get("masked_tokens") or {}
-    attrs = [a for a in ("ri", "kn", "tr") if a in shares]
-    parts = [heading("mask-tokens", "token masks (XTF)", run.path), facts([
+    attrs = [a for a in ("ri", "kn", "tr", "el") if a in shares]
+    parts = [heading("mask-tokens", "token masks (XTF)" if attrs != ["el"] else "token masks (excess loss)",
+                     run.path), facts([
         ("examples", s.get("examples")), ("response tokens", s.get("eligible_tokens")),
         ("masked", f"{masked.get('union', '?')} ({100 * float(shares.get('union', 0)):.1f}%)"),
         *[(a.upper(), f"{masked.get(a, '?')} ({100 * float(shares.get(a, 0)):.1f}%)") for a in attrs],

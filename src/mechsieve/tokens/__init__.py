@@ -2,6 +2,7 @@
 that masks a pool and writes it as a tokenized training set."""
 
 from mechsieve.tokens.base import (
+           EL,
            KN,
            MASKERS,
            REASON_BITS,
@@ -11,8 +12,15 @@ from mechsieve.tokens.base import (
            TokenMasks,
            TokenScores,
 )
+from mechsieve.tokens.excess_loss import ExcessLoss, ExcessLossConfig
 from mechsieve.tokens.otsu import multi_otsu
-from mechsieve.tokens.pipeline import MaskRun, mask_examples, mask_examples_sharded, write_masked
+from mechsieve.tokens.pipeline import (
+           MaskRun,
+           mask_examples,
+           mask_examples_sharded,
+           run_masker,
+           write_masked,
+)
 from mechsieve.tokens.xtf import (
            Xtf,
            XtfConfig,
@@ -21,6 +29,6 @@ from mechsieve.tokens.xtf import (
            parse_word_list,
 )
 
-__all__ = ["KN", "MASKERS", "REASON_BITS", "RI", "TR", "MaskRun", "TokenMasker", "TokenMasks", "TokenScores",
+__all__ = ["EL", "KN", "MASKERS", "REASON_BITS", "RI", "TR", "ExcessLoss", "ExcessLossConfig", "MaskRun", "TokenMasker", "TokenMasks", "TokenScores",
            "Xtf", "XtfConfig", "bundled_words", "context_free_embeddings", "mask_examples", "mask_examples_sharded",
-           "multi_otsu", "parse_word_list", "write_masked"]
+           "multi_otsu", "parse_word_list", "run_masker", "write_masked"]

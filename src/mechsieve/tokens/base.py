@@ -16,9 +16,9 @@ import numpy as np
 
 from mechsieve.data.render import Rendered
 
-# Bit flags of TokenMasks.reasons: why a token was masked.
-RI, KN, TR = 1, 2, 4
-REASON_BITS = {"ri": RI, "kn": KN, "tr": TR}
+# Bit flags of TokenMasks.reasons: why a token was masked (EL: below the excess-loss cut).
+RI, KN, TR, EL = 1, 2, 4, 8
+REASON_BITS = {"ri": RI, "kn": KN, "tr": TR, "el": EL}
 
 
 @dataclass

@@ -50,11 +50,19 @@ class MaskRun:
 
 
 def mask_examples(loaded: Any, examples: Sequence[Example], cfg: XtfConfig, render_cfg: RenderConfig,
-                  words: list[str] | None = None, progress: bool = True) -> MaskRun:
-    """Render `examples`, score their tokens with XTF and decide the masks."""
+                  words: list[str] | None = None, progress: bool = True, target: Sequence[Example] | None = None
+                  ) -> MaskRun:
+    """Render `examples`, score their tokens with XTF and decide the masks (`target`: in-domain
+    examples for contextual TR)."""
+    return run_masker(Xtf(cfg, words=words, target=target, render_cfg=render_cfg), loaded, examples, render_cfg,
+                      progress)
+
+
+def run_masker(masker: Any, loaded: Any, examples: Sequence[Example], render_cfg: RenderConfig,
+               progress: bool = True) -> MaskRun:
+    """Render `examples`, score their tokens with `masker` (a TokenMasker) and decide the masks."""
     start = time.perf_counter()
     rendered, stats = render_pool(examples, loaded.tokenizer, render_cfg)
-    masker = Xtf(cfg, words=words)
     scores, masks = masker.mask(loaded.model, loaded.tokenizer, rendered, progress=progress)
     return MaskRun([ex.id for ex in examples], rendered, scores, masks, stats.summary(),
                    round(time.perf_counter() - start, 2))
@@ -62,16 +70,17 @@ def mask_examples(loaded: Any, examples: Sequence[Example], cfg: XtfConfig, rend
 
 def mask_examples_sharded(model: Any, examples: Sequence[Example], cfg: XtfConfig, render_cfg: RenderConfig,
                           words: list[str], engine: EngineConfig, folder: str | Path, tokenizer: Any,
-                          progress: bool = True) -> MaskRun:
+                          progress: bool = True, target: Sequence[Example] | None = None) -> MaskRun:
     """`mask_examples` with the token scores computed shard by shard by the engine (resumable;
     on Ray actors with engine.executor=ray), the masks decided here over the whole pool.
     `model` is a LoadedModel, or its ModelConfig when Ray actors load it themselves."""
     from mechsieve.engine import token_scores_sharded
 
     start = time.perf_counter()
-    masker = Xtf(cfg, words=words)  # refuses an unusable word list before any shard runs
+    masker = Xtf(cfg, words=words, target=target, render_cfg=render_cfg)  # refuses unusable settings first
     rendered, stats = render_pool(examples, tokenizer, render_cfg)
-    scores = token_scores_sharded(model, list(examples), cfg, words, render_cfg, folder, engine, progress)
+    scores = token_scores_sharded(model, list(examples), cfg, words, render_cfg, folder, engine, progress,
+                                  target=target)
     if [len(e) for e in scores.eligible] != [len(r) for r in rendered]:
         raise RuntimeError("the shards' token scores do not line up with the examples rendered here; "
                            "the workers must use the same tokenizer as the driver")

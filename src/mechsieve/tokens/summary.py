@@ -12,7 +12,7 @@ import numpy as np
 from mechsieve.data.render import Rendered
 from mechsieve.tokens.base import REASON_BITS, TokenMasks, TokenScores
 
-LETTERS = {"ri": "R", "kn": "K", "tr": "T"}
+LETTERS = {"ri": "R", "kn": "K", "tr": "T", "el": "E"}
 
 
 def reason_names(code: int) -> list[str]:
@@ -48,7 +48,8 @@ def mask_counts(scores: TokenScores, masks: TokenMasks) -> dict[str, Any]:
 
 
 def marked_response(tokenizer: Any, r: Rendered, reasons: np.ndarray, eligible_only: bool = True) -> str:
-    """The response text with each masked token shown as [[token]]^LETTERS (R=RI, K=KN, T=TR)."""
+    """The response text with each masked token shown as [[token]]^LETTERS (R=RI, K=KN, T=TR,
+    E=excess loss)."""
     parts = []
     for pos in np.flatnonzero(r.response_mask) if eligible_only else range(len(r)):
         text = tokenizer.decode([int(r.input_ids[pos])])
