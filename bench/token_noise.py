@@ -23,7 +23,8 @@ random mask at the rate of the best masker (by F1 against the injected tokens), 
 held-out loss per token on --test clean GSM8K test answers; mean and sample std.
 
     flock /tmp/mechsieve-bench.lock python bench/token_noise.py            # all phases
-    flock /tmp/mechsieve-bench.lock python bench/token_noise.py --phase train
+    flock /tmp/mechsieve-bench.lock python bench/token_noise.py --phase train    # resumes the fine-tunes
+    python bench/token_noise.py --phase summarize    # spreads and targets of the runs so far
 
 Results: bench/results/token_noise.json (`scoring`, `detection`, `fine_tune`, `targets`).
 """
@@ -202,15 +203,34 @@ def phase_train(args, cached, best: str, runs: dict, save) -> None:
             runs["runs"].append({"variant": variant, "seed": seed, **res.record()})
             print(f"[train] {variant} seed {seed}: {res.record()['heldout']['loss_per_token']:.4f}", flush=True)
             save()
+    summarize_runs(runs)
+
+
+def summarize_runs(runs: dict) -> None:
+    """Mean and sample std of the held-out loss per variant, from the runs made so far."""
     by: dict[str, list[float]] = {}
     for r in runs["runs"]:
         by.setdefault(r["variant"], []).append(r["heldout"]["loss_per_token"])
     runs["loss_per_token"] = {k: spread(v) for k, v in by.items()}
+    runs["complete"] = all(len(v) == len(SEEDS) for v in by.values()) and len(by) >= 5
+
+
+def fine_tune_targets(t: dict, runs: dict, best: str) -> None:
+    lpt = runs.get("loss_per_token", {})
+    full = {best, "unmasked", "random_mask"} <= lpt.keys() and all(lpt[k]["n"] == len(SEEDS) for k in
+                                                                   (best, "unmasked", "random_mask"))
+    t.update({"best_beats_unmasked_2std": beats_by(lpt[best]["mean"], lpt["unmasked"]) if full else None,
+              "best_beats_random_mask_2std": beats_by(lpt[best]["mean"], lpt["random_mask"]) if full else None,
+              "fine_tune_complete": bool(runs.get("complete")),
+              })
+    for name in (best, "unmasked", "random_mask"):
+        if name in lpt:
+            t[f"loss_{name}"] = lpt[name]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--phase", choices=["score", "detect", "train", "all"], default="all")
+    p.add_argument("--phase", choices=["score", "detect", "train", "summarize", "all"], default="all")
     p.add_argument("--n", type=int, default=400, help="GSM8K train examples")
     p.add_argument("--n-ref", type=int, default=64, help="clean in-domain GSM8K problems after the pool's")
     p.add_argument("--rate", type=float, default=0.3, help="share of answers that get an injected span")
@@ -241,16 +261,21 @@ def main(argv: list[str] | None = None) -> int:
                     "seconds": cached["seconds"],
                     "info": {f"{k[0]}/{k[1]}": v.info for k, v in cached["scores"].items()}})
         results.save(finished="scoring")
-    else:
+    elif args.phase != "summarize":
         with open(CACHE / "scores.pkl", "rb") as fh:
             cached = pickle.load(fh)
-    tokenizer = load_tokenizer("smollm2-135m-instruct")
-    det = results.phase("detection")
-    det.update(detection(cached, tokenizer))
-    results.save(finished="detection")
+    if args.phase == "summarize":
+        det = results["detection"]
+    else:
+        tokenizer = load_tokenizer("smollm2-135m-instruct")
+        det = results.phase("detection")
+        det.update(detection(cached, tokenizer))
+        results.save(finished="detection")
     best = det["best_masker"]
     b = det["maskers"][best]["union"]
     t = results.targets()
+    for stale in ("union_recall", "union_precision", "fine_tune"):  # the old B3's target texts
+        t.pop(stale, None)
     t.update({"best_masker": best, "best_precision": b["precision"], "best_recall": b["recall"],
               "best_precision_and_recall_at_least_0_5": b["precision"] >= 0.5 and b["recall"] >= 0.5,
               "robust_ri_auc": det["roc_auc"]["robust_ri"]["auc"], "robust_tr_auc": det["roc_auc"]["robust_tr"]["auc"],
@@ -263,13 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase in ("train", "all"):
         runs = results.phase("fine_tune", merge=args.phase == "train")
         phase_train(args, cached, best, runs, results.save)
-        lpt = runs["loss_per_token"]
-        if {best, "unmasked", "random_mask"} <= lpt.keys():
-            t.update({"best_beats_unmasked_2std": beats_by(lpt[best]["mean"], lpt["unmasked"]),
-                      "best_beats_random_mask_2std": beats_by(lpt[best]["mean"], lpt["random_mask"]),
-                      "best_loss": lpt[best], "unmasked_loss": lpt["unmasked"], "random_mask_loss": lpt["random_mask"]})
+        fine_tune_targets(t, runs, best)
         results.save(finished="fine_tune")
-        print(f"token_noise: held-out loss/token {lpt}", flush=True)
+        print(f"token_noise: held-out loss/token {runs['loss_per_token']}", flush=True)
+    if args.phase == "summarize":  # the spreads and targets of the fine-tunes made so far (no model)
+        summarize_runs(results["fine_tune"])
+        fine_tune_targets(t, results["fine_tune"], best)
+        results.save()
     print(f"wrote {results.path}")
     return 0
 

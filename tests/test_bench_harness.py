@@ -147,3 +147,18 @@ def test_finetune_and_eval_starts_from_a_fresh_model_each_time(model_dir):
     assert two.loss == pytest.approx(one.loss, rel=1e-6)  # and the second run did not start from the first
     rec = one.record()
     assert rec["heldout_loss"] == one.loss and rec["steps"] == 3 and rec["examples"] == 8
+
+
+def test_a_finished_phase_keeps_its_wall_time_when_later_phases_save(tmp_path, monkeypatch):
+    import harness.results as results_module
+
+    clock = iter([0.0, 10.0, 10.0, 500.0])
+    monkeypatch.setattr(results_module.time, "perf_counter", lambda: next(clock))
+    r = Results("c", "bench c", path=tmp_path / "c.json")
+    r.phase("score")  # starts at 0
+    r.save(finished="score")  # 10 s
+    r.phase("train")  # starts at 10
+    r.save()  # 500: train is under way, score finished long ago
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert data["provenance"]["score"][-1]["wall_s"] == 10.0
+    assert data["provenance"]["train"][-1]["wall_s"] == 490.0

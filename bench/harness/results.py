@@ -156,6 +156,8 @@ class Results:
         wall time and the machine (a phase saved mid-run reads `finished: false`)."""
         for name, t0 in self._started.items():
             entry = self.data["provenance"][name][-1]
+            if entry.get("finished"):  # its clock stopped when it finished, not at a later phase's save
+                continue
             entry["wall_s"] = round(time.perf_counter() - t0, 1)
             if name == finished:
                 entry.update(finished=True, machine=machine())
