@@ -24,6 +24,7 @@ held-out loss per token on --test clean GSM8K test answers; mean and sample std.
 
     flock /tmp/mechsieve-bench.lock python bench/token_noise.py            # all phases
     flock /tmp/mechsieve-bench.lock python bench/token_noise.py --phase train    # resumes the fine-tunes
+    flock /tmp/mechsieve-bench.lock python bench/token_noise.py --phase rescore  # the scores pickle again
     python bench/token_noise.py --phase summarize    # spreads and targets of the runs so far
 
 Results: bench/results/token_noise.json (`scoring`, `detection`, `fine_tune`, `targets`).
@@ -230,7 +231,8 @@ def fine_tune_targets(t: dict, runs: dict, best: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--phase", choices=["score", "detect", "train", "summarize", "all"], default="all")
+    p.add_argument("--phase", choices=["score", "rescore", "detect", "train", "summarize", "all"], default="all",
+                   help="rescore: recompute the scores pickle only (it is not committed), leaving the JSON alone")
     p.add_argument("--n", type=int, default=400, help="GSM8K train examples")
     p.add_argument("--n-ref", type=int, default=64, help="clean in-domain GSM8K problems after the pool's")
     p.add_argument("--rate", type=float, default=0.3, help="share of answers that get an injected span")
@@ -248,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
 
     results = Results("token_noise", "B3 token noise (fair)", model="smollm2-135m-instruct (float32, CPU)",
                       argv=argv)
+    if args.phase == "rescore":  # a fresh checkout has no pickle; the scores are deterministic
+        cached = phase_score(args)
+        print(f"wrote {CACHE / 'scores.pkl'}")
+        return 0
     if args.phase in ("score", "all"):
         results.drop("fine_tune")  # new scores: fine-tunes on the old masks no longer belong to them
         out = results.phase("scoring")
