@@ -124,6 +124,25 @@ def test_corrupt_answer_changes_a_result_and_the_final_answer_consistently():
     assert new != 7 and second.startswith(f"Then {new} * 2") and final == f"#### {14 + new - 7}"
 
 
+def test_b4_degradations_by_hand():
+    from harness.pools import degrade
+
+    answer = "She had 3 + 4 = <<3+4=7>>7 apples.\nThen 7 * 2 = <<7*2=14>>14.\nShe ate 1.\n#### 13"
+    rng = np.random.default_rng(0)
+    assert degrade(answer, "truncated", "", rng) == answer.rsplit("\n", 1)[0]
+    shuffled = degrade(answer, "shuffled", "", rng).split("\n")
+    steps = answer.split("\n")[:-1]
+    assert shuffled[-1] == "#### 13" and sorted(shuffled[:-1]) == sorted(steps) and shuffled[:-1] != steps
+    assert degrade(answer, "swapped", "#### 2", rng) == "#### 2"
+    assert degrade(answer, "swapped", answer, rng) is None  # another problem's answer, never its own
+    assert degrade("Just one line.\n#### 1", "shuffled", "", rng) is None
+    assert degrade("#### 1", "truncated", "", rng) is None
+    bad = degrade(answer, "corrupted", "", rng)
+    assert bad != answer and bad.split("\n")[-1] != "#### 13"
+    with pytest.raises(ValueError, match="unknown"):
+        degrade(answer, "reversed", "", rng)
+
+
 def test_finetune_and_eval_starts_from_a_fresh_model_each_time(model_dir):
     from conftest import probe_pool
     from harness import EvalSettings, finetune_and_eval

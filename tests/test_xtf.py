@@ -408,3 +408,30 @@ def test_mask_tokens_robust_with_a_target_and_excess_loss_through_the_cli(model_
     capsys.readouterr()
     assert main([*common, "--masker", "excess-loss", "--out", str(tmp_path / "none")]) == 2
     assert "--masker excess-loss fits its reference model on clean in-domain examples" in capsys.readouterr().err
+
+
+def test_mixture_rule_finds_a_separate_low_population_and_only_then():
+    from mechsieve.tokens.robust import fit_two_gaussians, low_cut, mixture_cut
+
+    rng = np.random.default_rng(0)
+    noise, clean = rng.normal(0.0, 0.1, 100), rng.normal(1.0, 0.1, 900)
+    values = np.concatenate([clean, noise])
+    m = fit_two_gaussians(values)
+    np.testing.assert_allclose(m.weight, [0.1, 0.9], atol=0.01)
+    np.testing.assert_allclose(m.mean, [0.0, 1.0], atol=0.02)
+    np.testing.assert_allclose(m.std, [0.1, 0.1], atol=0.01)
+    cut, info = mixture_cut(values)
+    # the low component's posterior is 1/2 at the cut; with the true parameters (equal spreads s)
+    # the crossing is (m0 + m1) / 2 - s^2 ln(w1 / w0) / (m1 - m0) = 0.5 - 0.01 ln 9 = 0.478
+    dens = m.weight / m.std * np.exp(-0.5 * ((cut - m.mean) / m.std) ** 2)
+    assert dens[0] / dens.sum() == pytest.approx(0.5, abs=1e-9)
+    assert m.mean[0] < cut < m.mean[1] and cut == pytest.approx(0.5 - 0.01 * np.log(9), abs=0.01)
+    assert info["mixture"] == "low population found" and info["ashman_d"] > 2
+    assert low_cut(values, "mixture", 3.0, 0.05) == cut
+    # one population: no noise mode, so the rule falls back to the outlier (mad) cut
+    single = rng.normal(1.0, 0.1, 1000)
+    cut1, info1 = mixture_cut(single)
+    assert np.isnan(cut1) and info1["mixture"] == "no separate low population"
+    assert low_cut(single, "mixture", 3.0, 0.05) == low_cut(single, "mad", 3.0, 0.05)
+    # a low mode that is the larger one is the clean text, not noise
+    assert np.isnan(mixture_cut(np.concatenate([rng.normal(0.0, 0.1, 900), rng.normal(1.0, 0.1, 100)]))[0])

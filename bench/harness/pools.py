@@ -7,7 +7,9 @@
 - `inject_spans` / `injected_tokens` (B3): TinyStories sentences inserted into answers, and
   which rendered tokens they became;
 - `corrupt_answer`: one intermediate result and the final answer of a GSM8K answer changed
-  consistently (B2's planted mistake; a kind of B4's degradation).
+  consistently (B2's planted mistake; a kind of B4's degradation);
+- `quality_pool` (B4): GSM8K problems none of B1/B1b/B3 use, a seeded share degraded in four
+  kinds (`degrade`), a clean target and the labels.
 """
 
 from __future__ import annotations
@@ -225,3 +227,85 @@ def injected_tokens(tokenizer, example, rendered, span: str | None) -> np.ndarra
         if b > a and s <= (a + b) / 2 < e:
             flags[pos] = True
     return flags & rendered.response_mask
+
+
+# --- B4: degraded answers ------------------------------------------------------------------------
+
+DEGRADATIONS = ("corrupted", "truncated", "shuffled", "swapped")
+"""B4's kinds, in equal parts: one intermediate result and the final answer changed consistently;
+the answer cut before its last line; the reasoning lines shuffled; the answer of another problem."""
+
+
+def degrade(answer: str, kind: str, other: str, rng: np.random.Generator) -> str | None:
+    """`answer` degraded by `kind` (`other`: another problem's answer, for `swapped`); None when
+    this answer cannot take that kind (no intermediate result, a single reasoning line)."""
+    lines = answer.split("\n")
+    if kind == "corrupted":
+        return corrupt_answer(answer, rng)
+    if kind == "truncated":
+        return "\n".join(lines[:-1]) if len(lines) > 1 else None
+    if kind == "shuffled":
+        steps, last = lines[:-1], lines[-1:]
+        if len(set(steps)) < 2:
+            return None
+        while True:
+            perm = rng.permutation(len(steps))
+            if [steps[i] for i in perm] != steps:
+                return "\n".join([steps[i] for i in perm] + last)
+    if kind == "swapped":
+        return other if other != answer else None
+    raise ValueError(f"degradation {kind!r}: unknown ({', '.join(DEGRADATIONS)})")
+
+
+def used_gsm8k_ids() -> set[str]:
+    """GSM8K train ids B1 (pool and target), B1b (pool and target) and B3 (pool and in-domain set)
+    use at their default settings, which B4 must not reuse."""
+    b1_pool, b1_target = mixed_pool(100, 32, 0)
+    b1b_pool, b1b_target = gsm8k_split(0, 600, 32)
+    ids = {e.id.removeprefix("gsm8k:") for e in b1_pool.examples if e.source == "gsm8k"}
+    ids |= {e.id for part in (b1_target, b1b_pool, b1b_target) for e in part.examples}
+    ids |= {e.id for e in read_source("gsm8k", limit=464)}
+    return ids
+
+
+def quality_pool(tok, n: int, share: float, n_target: int, max_len: int, seed: int):
+    """B4: (pool examples, kind per example ("clean" or a DEGRADATIONS kind), target examples).
+
+    GSM8K train problems not in `used_gsm8k_ids`, seeded; `share` of the `n` degraded, the kinds in
+    equal parts (the remainder to the first kinds); the `n_target` target problems are clean and
+    disjoint from the pool; every example (degraded too) renders within `max_len` tokens."""
+
+    used = used_gsm8k_ids()
+    rows = [e for e in read_source("gsm8k") if e.id not in used]
+    rng = np.random.default_rng(seed)
+    order = [rows[int(i)] for i in rng.permutation(len(rows))]
+    n_bad = int(round(share * n))
+    want = {k: n_bad // len(DEGRADATIONS) + (i < n_bad % len(DEGRADATIONS)) for i, k in enumerate(DEGRADATIONS)}
+    want["clean"] = n - n_bad
+    plan = [k for k, c in want.items() for _ in range(c)]
+    plan = [plan[int(i)] for i in rng.permutation(len(plan))]
+    pool, kinds, target, k = [], [], [], 0
+    for ex in order:
+        if len(target) < n_target:
+            if fits(tok, ex, max_len):
+                target.append(ex)
+            continue
+        if k == len(plan):
+            break
+        kind = plan[k]
+        if kind == "clean":
+            new = ex
+        else:
+            other = order[int(rng.integers(len(order)))].response
+            text = degrade(ex.response, kind, other, rng)
+            if text is None:
+                continue
+            new = replace(ex, response=text, meta={**ex.meta, "degraded": kind})
+        if not fits(tok, new, max_len):
+            continue
+        pool.append(new)
+        kinds.append(kind)
+        k += 1
+    if k < len(plan):
+        raise RuntimeError(f"B4: only {k} of {len(plan)} pool examples could be built")
+    return pool, np.array(kinds), target

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -77,16 +78,96 @@ def pool_values(scores: Sequence[np.ndarray], eligible: Sequence[np.ndarray]) ->
     return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
 
 
+class Mixture(NamedTuple):
+    """A two-component 1-D Gaussian mixture; component 0 has the lower mean."""
+
+    weight: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    log_likelihood: float
+
+
+def fit_two_gaussians(values: np.ndarray, iterations: int = 200, tol: float = 1e-9) -> Mixture:
+    """EM for a two-component Gaussian mixture on `values: [m]`, started from the lowest and the
+    highest half split at the 10th percentile (deterministic; no seed). Variances are floored at
+    1e-6 of the pool's so a component cannot collapse onto one repeated value."""
+    x = values.astype(np.float64)
+    floor = max(float(x.var()) * 1e-6, 1e-12)
+    low = x <= np.quantile(x, 0.1)
+    if low.all() or not low.any():
+        low = x <= np.median(x)
+    resp = np.stack([low, ~low]).astype(np.float64)
+    prev = -np.inf
+    ll = prev
+    for _ in range(iterations):
+        nk = resp.sum(1) + 1e-300
+        w = nk / x.size
+        mu = resp @ x / nk
+        var = np.maximum((resp * (x[None] - mu[:, None]) ** 2).sum(1) / nk, floor)
+        logp = (np.log(w)[:, None] - 0.5 * np.log(2 * np.pi * var)[:, None]
+                - 0.5 * (x[None] - mu[:, None]) ** 2 / var[:, None])
+        top = logp.max(0)
+        norm = top + np.log(np.exp(logp - top).sum(0))
+        ll = float(norm.sum())
+        resp = np.exp(logp - norm)
+        if ll - prev < tol * abs(ll):
+            break
+        prev = ll
+    order = np.argsort(mu)
+    return Mixture(w[order], mu[order], np.sqrt(var[order]), ll)
+
+
+def mixture_cut(values: np.ndarray, min_separation: float = 2.0, max_weight: float = 0.5
+                ) -> tuple[float, dict[str, Any]]:
+    """The cut of `rule=mixture`: where a low mode of the pool's scores is a population of its own.
+
+    A two-Gaussian mixture is fitted; the low component counts as noise only if it is the smaller
+    one (weight below `max_weight`), the two are separated (Ashman's D = sqrt(2) |mu1 - mu0| /
+    sqrt(s0^2 + s1^2) above `min_separation`; D > 2 is the usual test of a clean split) and two
+    components explain the pool better than one (BIC). The cut is the point between the means where
+    the posterior of the low component falls to 1/2. When any test fails, the cut is NaN: the rule
+    found no noise population (the caller then falls back to the outlier rule)."""
+    info: dict[str, Any] = {}
+    if values.size < 10 or float(values.std()) == 0.0:
+        return float("nan"), {"mixture": "too few or constant scores"}
+    m = fit_two_gaussians(values)
+    one = -0.5 * values.size * (np.log(2 * np.pi * float(values.var())) + 1.0)
+    bic_gain = 2 * (m.log_likelihood - one) - 3 * np.log(values.size)
+    d = float(np.sqrt(2) * abs(m.mean[1] - m.mean[0]) / np.sqrt(m.std[0] ** 2 + m.std[1] ** 2))
+    info.update({"weights": m.weight.round(4).tolist(), "means": m.mean.round(4).tolist(),
+                 "stds": m.std.round(4).tolist(), "ashman_d": round(d, 3), "bic_gain": round(float(bic_gain), 1)})
+    if not (m.weight[0] < max_weight and d > min_separation and bic_gain > 0):
+        info["mixture"] = "no separate low population"
+        return float("nan"), info
+    # log w0 N(x; mu0, s0) = log w1 N(x; mu1, s1): a quadratic a x^2 + b x + c = 0
+    (w0, w1), (m0, m1), (s0, s1) = m.weight, m.mean, m.std
+    a = 1 / (2 * s1 ** 2) - 1 / (2 * s0 ** 2)
+    b = m0 / s0 ** 2 - m1 / s1 ** 2
+    c = (m1 ** 2 / (2 * s1 ** 2) - m0 ** 2 / (2 * s0 ** 2)) + np.log(w0 / s0) - np.log(w1 / s1)
+    roots = [-c / b] if abs(a) < 1e-12 else np.roots([a, b, c]).tolist()
+    between = [float(r.real) for r in np.atleast_1d(roots) if abs(np.imag(r)) < 1e-12 and m0 <= r.real <= m1]
+    if not between:
+        info["mixture"] = "no crossing between the means"
+        return float("nan"), info
+    info["mixture"] = "low population found"
+    return between[0], info
+
+
 def low_cut(values: np.ndarray, rule: str, z: float, share: float) -> float:
     """The score below which a token is flagged, from the pool's eligible scores `values`.
 
     `mad`: median - z * 1.4826 * MAD (a robust z-score outlier: fires only where the pool has
-    outliers); `share`: the `share` quantile (the lowest `share` of the pool's tokens). NaN when
+    outliers); `share`: the `share` quantile (the lowest `share` of the pool's tokens); `mixture`:
+    `mixture_cut`, or the `mad` cut where the pool has no separate low population. NaN when
     nothing can be cut (no scores, or no spread)."""
     if values.size == 0:
         return float("nan")
     if rule == "share":
         return float(np.quantile(values, share)) if share > 0 else float("-inf")
+    if rule == "mixture":
+        cut, _ = mixture_cut(values)
+        if not np.isnan(cut):
+            return cut
     med = float(np.median(values))
     mad = float(np.median(np.abs(values - med))) * 1.4826
     return med - z * mad if mad > 0 else float("nan")

@@ -77,6 +77,7 @@ from mechsieve.tokens.robust import (
     centred_cosine,
     example_percentile,
     low_cut,
+    mixture_cut,
     numeric_tokens,
     pool_values,
     relative_received_attention,
@@ -150,10 +151,11 @@ class XtfConfig:
     """rule=paper: which low-relevance cluster is noise: second_lowest (paper), lowest, or both."""
     p_tr: float | None = None
     """Most TR-masked tokens, as a fraction of an example's response tokens (paper 0.10, robust 0.5)."""
-    rule: Literal["paper", "mad", "share", "example"] | None = None
+    rule: Literal["paper", "mad", "mixture", "share", "example"] | None = None
     """How RI and TR scores become masks: `paper` (Tukey fence for RI, Multi-Otsu for TR); `mad`
     (robust): below the pool's median - rule_z x 1.4826 MAD, an outlier cut that fires only where the
-    pool has outliers; `share`: the pool's lowest rule_share; `example`: each example's lowest
+    pool has outliers; `mixture`: where the pool's scores hold a separate low population (a
+    two-Gaussian fit, tokens.robust.mixture_cut), else as `mad`; `share`: the pool's lowest rule_share; `example`: each example's lowest
     rule_share (masks every example, clean ones too)."""
     rule_z: float = 3.0
     """rule=mad: how many robust standard deviations below the median."""
@@ -177,7 +179,7 @@ class XtfConfig:
         check_choice("xtf.ri_layers", self.ri_layers, ("all", "last", "middle"))
         check_choice("xtf.ri_baseline", self.ri_baseline, ("uniform", "raw"))
         check_choice("xtf.tr_embedding", self.tr_embedding, ("auto", "contextual", "context_free"))
-        check_choice("xtf.rule", self.rule, ("paper", "mad", "share", "example"))
+        check_choice("xtf.rule", self.rule, ("paper", "mad", "mixture", "share", "example"))
         check_choice("xtf.tr_cluster", self.tr_cluster, tuple(TR_CLUSTERS))
         if self.words_file is None:
             check_choice("xtf.domain", self.domain, DOMAINS)
@@ -448,11 +450,13 @@ class Xtf(TokenMasker):
                 info["tr_thresholds"] = [float(t) for t in thresholds]
                 cluster = np.digitize(tr_all, thresholds)
                 info["tr_cluster_shares"] = [float(np.mean(cluster == k)) for k in range(cfg.tr_classes)]
-        elif cfg.rule in ("mad", "share"):
+        elif cfg.rule in ("mad", "mixture", "share"):
             for name in ("ri", "tr"):
                 if name in scores.scores:
-                    cuts[name] = low_cut(pool_values(scores.scores[name], scores.eligible), cfg.rule, cfg.rule_z,
-                                         cfg.rule_share)
+                    values = pool_values(scores.scores[name], scores.eligible)
+                    cuts[name] = low_cut(values, cfg.rule, cfg.rule_z, cfg.rule_share)
+                    if cfg.rule == "mixture":
+                        info.setdefault("mixture", {})[name] = mixture_cut(values)[1]
             info["cuts"] = {k: (None if np.isnan(v) else float(v)) for k, v in cuts.items()}
         caps = {"ri": cfg.p_ri, "tr": cfg.p_tr}
         masks, reasons = [], []
