@@ -112,8 +112,8 @@ def deciders():
 
     return {"xtf_paper": ("xtf_paper", Xtf(XtfConfig(preset="paper"), words=["x"])),
             "xtf_robust": ("xtf_robust", Xtf(XtfConfig(tr_embedding="context_free"), words=["x"])),
-            "xtf_robust_mixture": ("xtf_robust", Xtf(XtfConfig(tr_embedding="context_free", rule="mixture"),
-                                                     words=["x"])),
+            # the robust preset's first rule (the outlier cut alone), measured before rule=mixture
+            "xtf_robust_mad": ("xtf_robust", Xtf(XtfConfig(tr_embedding="context_free", rule="mad"), words=["x"])),
             "excess_loss": ("excess_loss", ExcessLoss(ExcessLossConfig())),
             "excess_loss_below_0": ("excess_loss", ExcessLoss(ExcessLossConfig(rule="threshold", threshold=0.0)))}
 

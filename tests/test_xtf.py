@@ -302,7 +302,7 @@ def test_presets_fill_only_what_was_left_unset():
     paper, robust = XtfConfig(preset="paper"), XtfConfig()
     assert (paper.attributes, paper.ri_layers, paper.rule, paper.p_tr) == (["ri", "kn", "tr"], "all", "paper", 0.10)
     assert (robust.attributes, robust.ri_layers, robust.ri_baseline, robust.rule, robust.smooth_spans) == \
-        (["ri", "tr"], "middle", "uniform", "mad", True)
+        (["ri", "tr"], "middle", "uniform", "mixture", True)
     assert XtfConfig(preset="paper", rule="mad").rule == "mad"
     with pytest.raises(ConfigError, match="xtf.preset"):
         XtfConfig(preset="papr")
@@ -359,7 +359,7 @@ def test_robust_scores_on_a_tiny_model(make_model, tokenizer):
         vals = ri[(spans == span) & smooth.eligible[0] & np.isfinite(ri)]
         assert len(vals) == 0 or np.ptp(vals) < 1e-6
     masks = xtf.decide(smooth)
-    assert masks.info["rule"] == "mad" and set(masks.info["cuts"]) == {"ri", "tr"}
+    assert masks.info["rule"] == "mixture" and set(masks.info["cuts"]) == set(masks.info["mixture"]) == {"ri", "tr"}
 
 
 def test_robust_context_free_tr_is_centred_on_a_vocabulary_sample(make_model, tokenizer):
@@ -394,7 +394,7 @@ def test_mask_tokens_robust_with_a_target_and_excess_loss_through_the_cli(model_
     assert main([*common, "--target", str(target), "--out", str(tmp_path / "robust"),
                  "--set", "xtf.tr_layer=1"]) == 0
     summary = json.loads((tmp_path / "robust" / "summary.json").read_text())
-    assert summary["scoring"]["tr"]["embedding"] == "contextual" and summary["decision"]["rule"] == "mad"
+    assert summary["scoring"]["tr"]["embedding"] == "contextual" and summary["decision"]["rule"] == "mixture"
     assert set(summary["masked_share"]) == {"ri", "tr", "union"}
     assert summary["settings"]["target"] == {"path": str(target), "examples": 4}
     assert main([*common, "--masker", "excess-loss", "--target", str(target), "--out", str(tmp_path / "el"),
