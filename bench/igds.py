@@ -101,25 +101,55 @@ def lora_run(args, examples, heldout, label: str, steps: int = 0) -> dict:
     return result.record()
 
 
+PRESETS_B1 = {"robust": {}, "paper": {"preset": "paper", "filter_impl": "reference"}}
+"""B1's IGDS runs: the robust default, and the paper preset exactly as first measured (its
+interventional filtering one latent and alpha at a time, the reference implementation)."""
+
+
+def template_shares(explanations: dict) -> dict[int, float]:
+    """Kept latent -> the share of its top activations on chat-template tokens (robust preset)."""
+    out = {}
+    for row in explanations.get("features", []):  # the kept latents' rows
+        if row.get("template_share") is not None:
+            out[int(row["feature"])] = float(row["template_share"])
+    return out
+
+
 def phase_b1(args, loaded) -> dict:
     from mechsieve.select import select_examples
 
     pool, target = mixed_pool(args.per_source, args.target, args.seed)
-    t0 = time.perf_counter()
-    sel = select_examples("igds", pool, args.budget, target=target, loaded=loaded, seed=args.seed,
-                          settings=igds_settings(args), progress=not args.quiet)
-    wall = time.perf_counter() - t0
-    counts = sel.counts_by_source(pool)
-    share = counts.get("gsm8k", 0) / max(len(sel.ids), 1)
-    out = {"pool": {"examples": len(pool), "by_source": pool.counts_by_source(), "target": len(target),
-                    "fingerprint": pool.fingerprint()},
-           "selected_by_source": counts, "share_gsm8k": share, "share_at_least_0.9": share >= 0.9,
-           "wall_s": round(wall, 1), "timings": sel.timings, "features": sel.explanations["features"][:20],
-           "kept": sel.explanations["kept"], "fallback": sel.explanations["fallback"]}
-    if args.train:
-        by_id = {ex.id: ex for ex in pool.examples}
-        out["lora"] = lora_run(args, [by_id[i] for i in sel.ids], heldout_gsm8k(args.heldout), "b1 igds",
-                               args.steps)
+    out: dict = {"pool": {"examples": len(pool), "by_source": pool.counts_by_source(), "target": len(target),
+                          "fingerprint": pool.fingerprint()}, "presets": {}}
+    held = heldout_gsm8k(args.heldout)
+    by_id = {ex.id: ex for ex in pool.examples}
+    for name, extra in PRESETS_B1.items():
+        print(f"[b1] igds preset {name}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            sel = select_examples("igds", pool, args.budget, target=target, loaded=loaded, seed=args.seed,
+                                  settings={**igds_settings(args), **extra}, progress=not args.quiet)
+        except Exception as exc:  # noqa: BLE001 - the benchmark records why the method stopped
+            out["presets"][name] = {"error": f"{type(exc).__name__}: {exc}", "wall_s": round(time.perf_counter() - t0, 1)}
+            print(f"  stopped: {exc}", flush=True)
+            continue
+        wall = time.perf_counter() - t0
+        counts = sel.counts_by_source(pool)
+        share = counts.get("gsm8k", 0) / max(len(sel.ids), 1)
+        ex = sel.explanations
+        shares = template_shares(ex)
+        row = {"selected_by_source": counts, "share_gsm8k": round(share, 4), "share_at_least_0.9": share >= 0.9,
+               "wall_s": round(wall, 1), "timings": sel.timings, "features": ex.get("features", [])[:20],
+               "kept": ex.get("kept"), "fallback": ex.get("fallback"), "filtering": ex.get("filtering"),
+               "recall": ex.get("recall"),
+               "kept_template_share": shares,
+               "max_template_share_of_kept": max(shares.values()) if shares else None}
+        if args.train:
+            row["lora"] = lora_run(args, [by_id[i] for i in sel.ids], held, f"b1 igds {name}", args.steps)
+        out["presets"][name] = row
+    robust = out["presets"].get("robust", {})
+    out["share_gsm8k"] = robust.get("share_gsm8k")
+    out["max_template_share_of_kept"] = robust.get("max_template_share_of_kept")
     return out
 
 
@@ -186,7 +216,7 @@ def main() -> int:
     line = (f"IGDS SAE layer {args.layer} d_sae {args.d_sae} k {args.k}: held-out FVU {s.get('heldout_fvu')}, "
             f"dead {s.get('heldout_dead_share')}, trained in {s.get('train_seconds')} s")
     if "b1" in results.data:
-        line += f"; B1 GSM8K share {results['b1']['share_gsm8k']:.2f}"
+        line += f"; B1 GSM8K share (robust) {results['b1']['share_gsm8k']}"
     if "b1b" in results.data:
         line += "; B1b loss " + ", ".join(f"{k} {v['heldout_loss']:.4f}" for k, v in results["b1b"]["runs"].items())
     print(line)

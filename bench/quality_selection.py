@@ -8,8 +8,9 @@ cut before its last line; the reasoning lines shuffled; the answer of another pr
 other, clean GSM8K problems. Every example renders within `--max-len` tokens.
 
 Phase `select`, every selector at 50%: NAIT, RDS+, loss (lowest) and IFD from one shared pool pass
-(`select_many`), IGDS (its SAE trained on target + pool; when its filtering keeps no latent it says
-so and the benchmark records that, then runs it again with `keep=top`), LESS, random (3 seeds). Per
+(`select_many`), IGDS (its SAE trained on target + pool; when the default stops, e.g. its recall
+against a reference drawn from this single-task pool leaves no latent, the benchmark records why and
+runs it again with `reference=none`, then also `keep=top`), LESS, random (3 seeds). Per
 method: the share of clean examples in the selection, per kind how many were selected, wall time.
 Phase `train`: LoRA for one epoch on each selection and on the full pool (the IGDS paper's protocol:
 50% gets half the steps of the full data), the random selections with their own seed, the others
@@ -28,7 +29,7 @@ import time
 
 import numpy as np
 
-from harness import SEEDS, Results, beats_by, finetune_and_eval, heldout_gsm8k, spread
+from harness import ROOT, SEEDS, Results, beats_by, finetune_and_eval, heldout_gsm8k, spread
 from harness.pools import DEGRADATIONS, quality_pool
 
 FORWARD = ("nait", "rds", "loss", "ifd")
@@ -64,8 +65,14 @@ def run_select(args, loaded, pool, kinds, target, out: dict, save) -> None:
         out["_shared_pass"] = {"methods": forward, "wall_s": round(total, 1)}
         save()
     if "igds" in wanted and "igds" not in done:
-        igds = {**common, "train": {"d_sae": args.sae_latents, "k": 16, "seed": args.seed}}
-        for label, extra in (("igds", {}), ("igds_keep_top", {"keep": "top"})):
+        # the SAE is trained once and reused by the later attempts (same settings)
+        igds = {**common, "train": {"d_sae": args.sae_latents, "k": 16, "seed": args.seed},
+                "save_sae": str(ROOT / "runs" / "bench_quality" / "igds_sae")}
+        # the default first; when it stops (a within-task pool leaves no latent against a reference
+        # drawn from the pool itself, or none beats its random controls), the benchmark records why
+        # and tries the settings its message names, one step at a time
+        for label, extra in (("igds", {}), ("igds_no_reference", {"reference": "none"}),
+                             ("igds_no_reference_keep_top", {"reference": "none", "keep": "top"})):
             print(f"[select] {label}", flush=True)
             t0 = time.perf_counter()
             try:
@@ -79,7 +86,7 @@ def run_select(args, loaded, pool, kinds, target, out: dict, save) -> None:
             record(out, label, sel, kinds, time.perf_counter() - t0,
                    {"timings": sel.timings, "explanations": sel.explanations})
             save()
-            break  # keep=top only when the default kept no latent
+            break  # the next settings only when these stopped
     if "less" in wanted and "less" not in done:
         from targeted_selection import less_settings
 
@@ -140,7 +147,7 @@ def summarize(sel: dict, train: dict, targets: dict) -> None:
         table["random"] = {"share_clean": spread(share, 4), "heldout_loss": spread(rand) if len(rand) > 1 else None}
     table["full"] = {"share_clean": None, "heldout_loss": loss.get("full")}
     train["table"] = table
-    ours = {k: loss[k] for k in ("igds", "igds_keep_top", "nait") if k in loss}
+    ours = {k: loss[k] for k in ("igds", "igds_no_reference", "igds_no_reference_keep_top", "nait") if k in loss}
     if not ours or len(rand) < len(SEEDS) or "full" not in loss:
         targets.update(best_method=None, best_beats_full=None, best_beats_random_2std=None, complete=False)
         return

@@ -41,9 +41,9 @@ from harness.pools import mixed_pool
 from mechsieve.store.atomic import atomic_path
 
 SCORES = RESULTS / "targeted_selection_scores.parquet"
-DEFAULT_METHODS = "random,nait,rds,kcenter,loss_high,loss_low,ifd"
-DEFAULT_RUNS = "nait,random,full"
-RUN_LABELS = ("nait", "less")  # selections whose fine-tune is compared with random's
+DEFAULT_METHODS = "random,nait,nait_paper,rds,kcenter,loss_high,loss_low,ifd"
+DEFAULT_RUNS = "nait,nait_paper,random,full"
+RUN_LABELS = ("nait", "nait_paper", "less")  # selections whose fine-tune is compared with random's
 
 
 def run_select(args, loaded, pool, target, out: dict, save, merge: bool) -> dict:
@@ -80,11 +80,11 @@ def run_select(args, loaded, pool, target, out: dict, save, merge: bool) -> dict
             pq.write_table(table, tmp)
         save()
 
-    def through_pipeline(label: str, method: str) -> None:
+    def through_pipeline(label: str, method: str, extra: dict | None = None) -> None:
         print(f"[select] {label}", flush=True)
         t0 = time.perf_counter()
         sel = select_examples(method, pool, args.budget, target=target, loaded=loaded, seed=0,
-                              settings=None if method == "random" else {"render": render, **batch},
+                              settings=None if method == "random" else {"render": render, **batch, **(extra or {})},
                               progress=not args.quiet)
         seconds = time.perf_counter() - t0
         record(label, sel.scores, sel.selected, np.argsort(sel.ranks), seconds,
@@ -94,9 +94,12 @@ def run_select(args, loaded, pool, target, out: dict, save, merge: bool) -> dict
             record("loss_low", sel.scores, low.selected, low.order, seconds, {"note": "same pass as loss_high"})
 
     wanted = args.methods.split(",")
-    for label, method in (("random", "random"), ("nait", "nait")):
+    # nait: the robust default (anchor on the last user turn, cosine, target z-scores, layers by
+    # held-out AUC); nait_paper: the paper-literal recipe B1 measured first
+    for label, method, extra in (("random", "random", None), ("nait", "nait", None),
+                                 ("nait_paper", "nait", {"preset": "paper"})):
         if label in wanted:
-            through_pipeline(label, method)
+            through_pipeline(label, method, extra)
     if "rds" in wanted or "kcenter" in wanted:
         # RDS+ runs its scorer directly (as select_examples does) to keep its pool embeddings, on
         # which k-center then runs: k-center's wall time = that embedding pass + its traversal.
@@ -333,7 +336,10 @@ def main() -> int:
         run_select(args, loaded, pool, target, out, results.save, merge)
         if "nait" in out["methods"]:
             share = out["methods"]["nait"]["share_gsm8k"]
-            results.targets().update({"nait_share_at_least_0.9": share >= 0.9, "nait_share": share})
+            results.targets().update({"nait_share_at_least_0.9": share >= 0.9, "nait_share": share,
+                                      "nait_default": "robust preset (bench/targeted_selection.py)"})
+        if "nait_paper" in out["methods"]:
+            results.targets()["nait_paper_share"] = out["methods"]["nait_paper"]["share_gsm8k"]
         results.save(finished="select")
         del loaded
     if args.phase == "rescore-ifd":

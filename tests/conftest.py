@@ -156,3 +156,21 @@ def _isolated_cache(tmp_path, monkeypatch):
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+# --- IGDS tests (test_igds*.py): a small mixed task pool ---------------------------------------
+IGDS_QA = [("Tom has 3 apples and buys 4 more. How many apples?", "3 + 4 = 7. #### 7"),
+            ("A box holds 6 eggs. How many eggs in 2 boxes?", "6 * 2 = 12. #### 12"),
+            ("Sara reads 5 pages a day for 3 days. How many pages?", "5 * 3 = 15. #### 15"),
+            ("Write a poem about the sea.", "The sea is wide and blue."),
+            ("Name a colour.", "Red."),
+            ("What is 10 minus 4?", "10 - 4 = 6. #### 6")]
+"""Three math problems (the task) and three others, as (question, answer)."""
+
+
+def igds_pool(rows, source: str):
+    """A Pool of `rows` (question, answer) with ids `source-i`."""
+    from mechsieve.data.records import Example, Pool
+
+    return Pool([Example(f"{source}-{i}", source, [{"role": "user", "content": q}], a, {})
+                 for i, (q, a) in enumerate(rows)], "", "memory", "memory")

@@ -67,8 +67,10 @@ def igds_settings(folder: Path) -> dict:
     from mechsieve.features.sae import random_sae, write_sae
 
     sae = write_sae(folder / "sae", random_sae(32, 48, layer=1))
+    # a random SAE fires on every example (no pool reference), and its random latents rarely beat
+    # their random-direction controls (keep the best instead of stopping)
     return {"sae": str(sae), "freq_threshold": 0.0, "top_k": 3, "dev_size": 2, "alphas": [3.0],
-            "render": {"max_len": 64}}
+            "render": {"max_len": 64}, "reference": "none", "none_kept": "best"}
 
 
 # (method, settings or settings(folder)): sharded scorers checked on both executors

@@ -9,25 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_jsonl
-from mechsieve.data.records import Example, Pool
+from conftest import IGDS_QA, igds_pool, write_jsonl
 from mechsieve.data.render import RenderConfig, render_example
 from mechsieve.features.sae import random_sae, write_sae
 from mechsieve.scorers import make_scorer
 from mechsieve.scorers.igds import Igds, feature_resonant_score, frequency_recall, keep_features
 from mechsieve.scorers.igds_steer import dev_loss, steer, steering
 
-QA = [("Tom has 3 apples and buys 4 more. How many apples?", "3 + 4 = 7. #### 7"),
-      ("A box holds 6 eggs. How many eggs in 2 boxes?", "6 * 2 = 12. #### 12"),
-      ("Sara reads 5 pages a day for 3 days. How many pages?", "5 * 3 = 15. #### 15"),
-      ("Write a poem about the sea.", "The sea is wide and blue."),
-      ("Name a colour.", "Red."),
-      ("What is 10 minus 4?", "10 - 4 = 6. #### 6")]
+QA = IGDS_QA
 
 
-def pool_of(rows, source: str) -> Pool:
-    return Pool([Example(f"{source}-{i}", source, [{"role": "user", "content": q}], a, {})
-                 for i, (q, a) in enumerate(rows)], "", "memory", "memory")
+pool_of = igds_pool
 
 
 
@@ -120,7 +112,7 @@ def test_igds_pipeline_against_manual_computation(loaded, sae, tmp_path):
     folder = write_sae(tmp_path / "sae", sae)
     target, pool = pool_of(QA[:3] + QA[5:], "target"), pool_of(QA, "pool")
     settings = {"sae": str(folder), "freq_threshold": 0.5, "top_k": 5, "dev_size": 4, "alphas": [2.0, 4.0],
-                "render": {"max_len": 64}}
+                "render": {"max_len": 64}, "preset": "paper"}
     scorer = make_scorer("igds", settings)
     res = scorer.score(pool, target=target, loaded=loaded, progress=False)
     lat_t = manual_latents(loaded, sae, target.examples)
@@ -149,7 +141,7 @@ def test_ablation_switches(loaded, sae, tmp_path):
     folder = str(write_sae(tmp_path / "sae", sae))
     target, pool = pool_of(QA[:3], "target"), pool_of(QA, "pool")
     base = {"sae": folder, "freq_threshold": 0.3, "top_k": 4, "dev_size": 2, "alphas": [3.0],
-            "render": {"max_len": 64}}
+            "render": {"max_len": 64}, "preset": "paper"}
     no_filter = make_scorer("igds", {**base, "filtering": False}).score(pool, target=target, loaded=loaded,
                                                                       progress=False)
     assert no_filter.explanations["kept"] == no_filter.explanations["candidates"]
@@ -181,7 +173,7 @@ def test_igds_refuses_a_mismatched_sae(loaded, tmp_path):
 def test_igds_trains_its_own_sae_when_none_is_given(loaded, tmp_path):
     settings = {"freq_threshold": 0.0, "top_k": 2, "dev_size": 2, "alphas": [2.0], "render": {"max_len": 64},
                 "train": {"d_sae": 32, "k": 4, "batch_size": 16, "buffer_tokens": 64, "holdout": 0.2},
-                "save_sae": str(tmp_path / "trained")}
+                "save_sae": str(tmp_path / "trained"), "preset": "paper"}
     res = Igds(settings).score(pool_of(QA, "pool"), target=pool_of(QA[:3], "t"), loaded=loaded, progress=False)
     assert res.explanations["sae"]["d_sae"] == 32 and res.explanations["layer"] == 1  # middle of 3 blocks
     assert "heldout_fvu" in res.explanations["sae_training"]
@@ -207,7 +199,7 @@ def test_select_command_with_igds(model_dir, tmp_path, capsys):
     assert main(["select", "--method", "igds", "--model", str(model_dir), "--pool", str(pool), "--target", str(target),
                  "--budget", "0.5", "--out", str(out), "--quiet", "--set", f"scorer.sae={folder}",
                  "--set", "scorer.freq_threshold=0.3", "--set", "scorer.top_k=3", "--set", "scorer.dev_size=2",
-                 "--set", "scorer.alphas=[2.0]"]) == 0
+                 "--set", "scorer.alphas=[2.0]", "--set", "scorer.preset=paper"]) == 0
     assert "igds: selected 3 of 6" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     table = summary["explanations"]["features"]

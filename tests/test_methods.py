@@ -38,10 +38,10 @@ def test_nait_shows_its_fields_with_type_default_and_docstring(capsys):
     assert main(["methods", "nait"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0] == "nait: NAIT (ICLR 2026, arXiv 2603.13201); see the module docstring for the differences."
+    assert lines[0] == "nait: NAIT (ICLR 2026, arXiv 2603.13201); see the module docstring for the presets and differences."
     assert "reads the model (--model) and a target pool (--target)" in lines[1]
     i = lines.index("  layers: list[int] | Literal['all'] = 'all'")
-    assert lines[i + 1].strip() == "Blocks to use (negative counts from the end), or `all`."
+    assert lines[i + 1].strip() == "Blocks to use (negative counts from the end), or `all`; with layer_select=auc, the candidates."
     i = lines.index("  site: Literal['resid', 'mlp'] = 'resid'")
     assert lines[i + 1].strip().startswith("`resid`: residual stream after each block;")
     # nested sections (from the shared base config) with dotted keys, as --set takes them

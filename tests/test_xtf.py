@@ -435,3 +435,31 @@ def test_mixture_rule_finds_a_separate_low_population_and_only_then():
     assert low_cut(single, "mixture", 3.0, 0.05) == low_cut(single, "mad", 3.0, 0.05)
     # a low mode that is the larger one is the clean text, not noise
     assert np.isnan(mixture_cut(np.concatenate([rng.normal(0.0, 0.1, 900), rng.normal(1.0, 0.1, 100)]))[0])
+
+
+def test_mask_tokens_reads_its_token_features_from_the_cache_on_a_rerun(model_dir, tmp_path):
+    import datasets
+
+    from mechsieve.cli import main
+
+    rows = [{"question": ex.prompt[0]["content"], "answer": ex.response} for ex in _examples(8)]
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    target = tmp_path / "clean.jsonl"
+    target.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    common = ["mask-tokens", "--pool", str(pool), "--model", str(model_dir), "--quiet", "--max-len", "64",
+              "--target", str(target), "--set", "xtf.tr_layer=1"]
+
+    def run(name: str, *extra: str) -> tuple[dict, list]:
+        assert main([*common, "--out", str(tmp_path / name), *extra]) == 0
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        labels = datasets.load_from_disk(str(tmp_path / name))["labels"]
+        return summary["scoring"]["forward"], labels
+
+    first, labels = run("first")
+    assert first["features_computed"] > 0 and first["features_cached"] == 0 and first["passes"] >= 1
+    again, labels_again = run("again")  # every feature (pool and target) read back: no pass runs
+    assert again["features_computed"] == 0 and again["features_cached"] == first["features_computed"]
+    assert again["passes"] == 0 and labels_again == labels
+    off, labels_off = run("off", "--no-feature-cache")
+    assert off["features_computed"] == first["features_computed"] and labels_off == labels

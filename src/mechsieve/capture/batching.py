@@ -63,9 +63,12 @@ class Collated:
     offsets: torch.Tensor  # [b] long (0 with right padding)
     prompt_len: torch.Tensor  # [b] long, relative to the row's first real token
     content_start: torch.Tensor  # [b] long, relative likewise
+    user_start: torch.Tensor | None = None
+    """[b] long, relative likewise: first token of the last user turn's content (Rendered.user_anchor);
+    None in batches built by hand (readers fall back to content_start)."""
 
     def to(self, device) -> Collated:
-        return Collated(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+        return Collated(*(None if (v := getattr(self, f)) is None else v.to(device) for f in self.__dataclass_fields__))
 
     def column(self, rel: torch.Tensor) -> torch.Tensor:
         """Padded column of a per-row position given relative to the row's first real token."""
@@ -106,4 +109,5 @@ def collate(items: Sequence[Rendered], pad_id: int, padding_side: str = "right")
         offsets=torch.from_numpy(offsets),
         prompt_len=torch.tensor([r.prompt_len for r in items], dtype=torch.long),
         content_start=torch.tensor([r.content_start for r in items], dtype=torch.long),
+        user_start=torch.tensor([r.user_anchor for r in items], dtype=torch.long),
     )

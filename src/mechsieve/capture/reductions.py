@@ -6,6 +6,8 @@ Positions are relative to each row's first real token, so left and right padding
 - `mean_response`: mean over response tokens (zeros where an example has none; see counts);
 - `mean_prompt`: mean over the prompt tokens (before the final response);
 - `mean_all`: mean over all real tokens;
+- `weighted_mean_all`: position-weighted mean over all real tokens, weights proportional to the
+  position 1..T (SGPT, arXiv 2202.08904; RDS+'s pooling, Ivison et al. 2025, arXiv 2503.01807);
 - `last`: the last real token;
 - `drift`: last real token minus the first content (non-special) token (NAIT, eq. 1).
 """
@@ -52,6 +54,15 @@ def mean_all(acts: torch.Tensor, batch: Collated) -> torch.Tensor:
     return _masked_mean(acts, batch.attention_mask.bool())
 
 
+def weighted_mean_all(acts: torch.Tensor, batch: Collated) -> torch.Tensor:
+    """sum_i w_i h_i with w_i = i / sum_j j over the row's real tokens i = 1..T (SGPT's weighted
+    mean): later tokens, which have read more of the text under causal attention, weigh more.
+    Positions count real tokens only (`position_ids`), so left and right padding agree."""
+    weights = (batch.position_ids + 1).to(acts.dtype) * batch.attention_mask.to(acts.dtype)
+    weights = weights / weights.sum(1, keepdim=True).clamp(min=1)
+    return torch.einsum("btd,bt->bd", acts, weights)
+
+
 def mean_prompt(acts: torch.Tensor, batch: Collated) -> torch.Tensor:
     t = acts.shape[1]
     cols = torch.arange(t, device=acts.device)[None, :]
@@ -65,6 +76,7 @@ REDUCTIONS: dict[str, Reduction] = {
     "mean_response": mean_response,
     "mean_prompt": mean_prompt,
     "mean_all": mean_all,
+    "weighted_mean_all": weighted_mean_all,
     "last": last,
     "drift": drift,
 }

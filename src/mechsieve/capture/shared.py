@@ -45,8 +45,9 @@ class PassKey:
     """At most this many examples in one batch."""
     inputs: Literal["example", "response_only"] = "example"
     """`example`: prompt and response; `response_only`: the response alone as plain text (IFD's y)."""
-    site: Literal["resid", "mlp"] = "resid"
-    """Which activations `on_layer` receives."""
+    site: Literal["resid", "mlp", "attention"] = "resid"
+    """Which activations `on_layer` receives; `attention`: the residual stream, in a pass under eager
+    attention (slower, so features that read attention probabilities get a pass of their own)."""
 
     def settings(self) -> dict[str, Any]:
         return {"render": to_dict(self.render), "max_tokens": self.max_tokens, "max_batch": self.max_batch,
@@ -68,6 +69,9 @@ class Feature(ABC):
     kind: ClassVar[str] = ""
     layers: list[int]
     need_logits: bool = False
+    reads_attention: ClassVar[bool] = False
+    """True: `on_layer` receives the layers' attention probabilities [b, heads, t, t] (eager
+    attention; the pass key's site must be `attention`) instead of their activations."""
 
     def __init__(self, key: PassKey) -> None:
         self.key = key
@@ -191,8 +195,12 @@ class PassReport:
 
 
 def render_inputs(examples: Sequence[Example], tokenizer: Any, key: PassKey) -> list[Any]:
-    """The examples rendered as `key` says (the response alone for `response_only`)."""
-    from mechsieve.data.render import render_pool
+    """The examples rendered as `key` says (the response alone for `response_only`); examples
+    already rendered (data.render.Rendered, e.g. a token masker's) are taken as they are."""
+    from mechsieve.data.render import Rendered, render_pool
+
+    if examples and all(isinstance(ex, Rendered) for ex in examples):
+        return list(examples)
 
     if key.inputs == "response_only":
         examples = [Example(ex.id, ex.source, [], ex.response, {}) for ex in examples]
@@ -237,24 +245,31 @@ def feature_pass(loaded: Any, examples: Sequence[Example], features: Mapping[str
         start = time.perf_counter()
         rendered = render_inputs(examples, loaded.tokenizer, key)
         by_layer: dict[int, list[Feature]] = {}
+        by_attention: dict[int, list[Feature]] = {}
         for _, feat in members:
             feat.begin(len(rendered))
             for layer in feat.layers:
-                by_layer.setdefault(int(layer), []).append(feat)
+                (by_attention if feat.reads_attention else by_layer).setdefault(int(layer), []).append(feat)
         logit_feats = [f for _, f in members if f.need_logits]
 
         def on_layer(ctx: BatchContext, layer: int, acts: torch.Tensor, by_layer=by_layer) -> None:
             for feat in by_layer.get(layer, ()):
                 feat.on_layer(ctx, layer, acts)
 
+        def on_attention(ctx: BatchContext, layer: int, probs: torch.Tensor, by_attention=by_attention) -> None:
+            for feat in by_attention.get(layer, ()):
+                feat.on_layer(ctx, layer, probs)
+
         def on_logits(ctx: BatchContext, logits: torch.Tensor, logit_feats=logit_feats) -> None:
             for feat in logit_feats:
                 feat.on_logits(ctx, logits)
 
-        layers = sorted(by_layer)
-        spec = ForwardSpec(layers=layers, site=key.site, need_logits=bool(logit_feats))
+        layers, attention_layers = sorted(by_layer), sorted(by_attention)
+        spec = ForwardSpec(layers=layers, site="resid" if key.site == "attention" else key.site,
+                           attention_layers=attention_layers, need_logits=bool(logit_feats))
         plan = plan_batches([len(r) for r in rendered], key.max_tokens, key.max_batch)
         stats = run_forward(loaded.model, rendered, plan, spec, pad_id(loaded.tokenizer), on_layer=on_layer,
+                            on_attention=on_attention if attention_layers else None,
                             on_logits=on_logits if logit_feats else None, progress=progress,
                             desc=desc if len(todo) == 1 else f"{desc} ({key.inputs})")
         for k, feat in members:
@@ -264,7 +279,8 @@ def feature_pass(loaded: Any, examples: Sequence[Example], features: Mapping[str
                 cache.save(loaded.identity, fingerprint, feat.full_key(), results[k])
         report.passes.append({"inputs": key.inputs, "site": key.site, "max_len": key.render.max_len,
                               "max_tokens": key.max_tokens, "max_batch": key.max_batch, "layers": layers,
+                              "attention_layers": attention_layers,
                               "logits": bool(logit_feats), "features": [f.kind for _, f in members],
-                              "examples": len(rendered), "tokens": stats.real_tokens,
+                              "examples": len(rendered), "batches": stats.batches, "tokens": stats.real_tokens,
                               "seconds": round(time.perf_counter() - start, 4)})
     return {name: results[k] for name, k in alias.items()}, report

@@ -46,17 +46,56 @@ def add_engine_flags(parser: argparse.ArgumentParser, shard_help: str = "example
                         "resumes (default: local runs in one pass, ray uses 256)")
     parser.add_argument("--overwrite-shards", action="store_true",
                         help="discard the shards a stopped run left under OUT/shards instead of resuming")
+    parser.add_argument("--stream", dest="stream", action="store_const", const="on",
+                        help="pool larger than memory: scan it once, hold only its ids here, and let every "
+                        "shard read its own records (engine.stream=on; default auto: on above "
+                        "engine.stream_above_mb, 512 MB). Not --streaming, which streams a hub dataset")
+    parser.add_argument("--no-stream", dest="stream", action="store_const", const="off",
+                        help="read the pool into memory whatever its size (engine.stream=off)")
 
 
 def engine_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {"engine.executor": getattr(args, "engine", None), "engine.ray_address": getattr(args, "ray_address", None),
             "engine.actors": getattr(args, "actors", None), "engine.gpus_per_actor": getattr(args, "gpus_per_actor", None),
             "engine.shard_size": getattr(args, "shard_size", None),
-            "engine.overwrite": True if getattr(args, "overwrite_shards", False) else None}
+            "engine.overwrite": True if getattr(args, "overwrite_shards", False) else None,
+            "engine.stream": getattr(args, "stream", None)}
+
+
+def resolve_stream(cfg: Any) -> bool:
+    """Decide whether the command's pool (`cfg.data`) is streamed (`cfg.engine.stream`; auto: by
+    its size on disk) and record the decision in `cfg.engine.stream` (on / off), so that the
+    engine and check_engine see it. Cheap: no record is read."""
+    from dataclasses import replace
+
+    from mechsieve.data.stream import wants_stream
+
+    streamed = wants_stream(cfg.data, cfg.engine.stream, cfg.engine.stream_above_mb)
+    cfg.engine = replace(cfg.engine, stream="on" if streamed else "off")
+    return streamed
+
+
+def read_data(cfg: Any, progress: bool = True) -> Any:
+    """The command's pool, as `resolve_stream` decided: scanned (ids only) or read whole."""
+    from mechsieve.data.stream import open_pool
+
+    streamed = cfg.engine.stream == "on"
+    pool = open_pool(cfg.data, streamed, progress=progress)
+    if streamed:
+        print(f"streaming the pool: {len(pool)} examples scanned, only their ids held here; every shard of "
+              f"{cfg.engine.effective_shard_size()} reads its own records")
+    return pool
 
 
 def check_engine(engine: Any, scorer_cls: type | None = None) -> None:
-    """Fail before any model work: Ray missing, or a method the ray engine cannot shard."""
+    """Fail before any model work: Ray missing, or a method the ray engine (or a streamed pool)
+    cannot shard."""
+    if engine.stream == "on" and scorer_cls is not None and scorer_cls.needs_model and not scorer_cls.shardable:
+        from mechsieve.engine.run import shardable_methods
+
+        raise ConfigError(f"engine.stream=on: {scorer_cls.name} needs the whole pool in memory at once, and a "
+                          f"streamed pool is held as ids only; methods that stream: {', '.join(shardable_methods())} "
+                          "(or --no-stream / engine.stream=off)")
     if engine.executor != "ray":
         return
     from mechsieve.engine.ray_executor import require_ray
@@ -223,7 +262,13 @@ def int_list(text: str) -> list[int] | str:
 
 
 def print_outputs(paths: dict[str, Path | str]) -> None:
-    """Every command ends by saying where its outputs went."""
+    """Every command ends by saying where its outputs went (under the CLI, with the log.txt of
+    what it printed)."""
+    from mechsieve.store.runlog import current_log
+
+    log = current_log()
+    if log is not None and "log" not in paths:
+        paths = {**paths, "log": log}
     print("outputs:")
     width = max(len(k) for k in paths)
     for key, path in paths.items():

@@ -19,6 +19,8 @@ from mechsieve.commands._common import (
     int_list,
     model_flags,
     print_outputs,
+    read_data,
+    resolve_stream,
 )
 from mechsieve.data.readers import DataConfig
 from mechsieve.data.render import RenderConfig
@@ -62,7 +64,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mechsieve.capture.activations import capture_pool
-    from mechsieve.data.readers import read_pool
     from mechsieve.models.loading import load_model
     from mechsieve.store.outputs import OutputFolder
 
@@ -73,10 +74,11 @@ def run(args: argparse.Namespace) -> int:
              "render.max_len": args.max_len, "capture.max_tokens": args.max_tokens,
              "overwrite": True if args.overwrite else None, **engine_flags(args)}
     cfg = build_config(CaptureCommand, args, flags)
+    resolve_stream(cfg)
     check_engine(cfg.engine)
     # a capture resumes its chunks and reuses a finished capture: its own folder needs no --overwrite
     folder = OutputFolder(cfg.out, NAME, resumes=True)
-    pool = read_pool(cfg.data)
+    pool = read_data(cfg, progress=not args.quiet)
     if pool.skipped:
         print(f"skipped {len(pool.skipped)} invalid record(s); first: {pool.skipped[0]}")
     entries = ["activations.safetensors", "activations.json", "activations.run.json", "chunks", "shards"]

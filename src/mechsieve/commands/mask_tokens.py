@@ -26,6 +26,8 @@ from mechsieve.commands._common import (
     engine_flags,
     model_flags,
     print_outputs,
+    read_data,
+    resolve_stream,
 )
 from mechsieve.data.readers import DataConfig
 from mechsieve.data.render import RenderConfig
@@ -63,6 +65,10 @@ class MaskTokensCommand:
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Where token scoring runs: in process (default) or on Ray actors; the masks are decided on
     the driver (TR's thresholds are over every token of the pool)."""
+    feature_cache: bool = True
+    """In process: keep the per-token features (NLL, relevance, received attention) in
+    $MECHSIEVE_CACHE/features, so a rerun with other decision settings (rule, caps, keep) runs no
+    model pass; false: compute them every time."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -76,6 +82,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=["robust", "paper"], help="XTF's rules: robust (default) or the paper's")
     p.add_argument("--target", help="clean in-domain examples (the domain of contextual task relevance)")
     p.add_argument("--attributes", help="comma-separated subset of ri,kn,tr (default: the preset's)")
+    p.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", default=None,
+                   help="compute the per-token features every time (default: cached, reused by a rerun)")
     p.add_argument("--ri-layers", choices=["all", "last", "middle"],
                    help="attention of all layers, the last, or the middle half (default: the preset's)")
     p.add_argument("--max-len", "--max_length", type=int, help="longest rendered example (tokens)")
@@ -101,21 +109,23 @@ def run(args: argparse.Namespace) -> int:
              "masker": args.masker, "xtf.preset": args.preset, "xtf.domain": args.domain,
              "xtf.words_file": args.words_file, "xtf.ri_layers": args.ri_layers,
              "xtf.attributes": args.attributes.split(",") if args.attributes else None,
-             "render.max_len": args.max_len, **engine_flags(args)}
+             "render.max_len": args.max_len, "feature_cache": args.feature_cache, **engine_flags(args)}
     cfg = build_config(MaskTokensCommand, args, flags)
+    resolve_stream(cfg)
     check_engine(cfg.engine)
     if cfg.masker == "excess-loss":
         if not (cfg.target.path or cfg.excess_loss.reference):
             raise ConfigError("--masker excess-loss fits its reference model on clean in-domain examples: give "
                               "--target FILE (or excess_loss.reference, a model or adapter folder)")
         if cfg.engine.sharded:
-            raise ConfigError("--masker excess-loss runs in process: drop --engine / --shard-size")
+            raise ConfigError("--masker excess-loss runs in process: drop --engine / --shard-size / --stream "
+                              "(a pool above engine.stream_above_mb streams unless --no-stream)")
     folder = OutputFolder(cfg.out, NAME, overwrite=args.overwrite)
     if cfg.xtf.words_file:
         words = parse_word_list(Path(cfg.xtf.words_file).read_text(encoding="utf-8"))
     else:
         words = bundled_words(cfg.xtf.domain)
-    pool = read_pool(cfg.data)
+    pool = read_data(cfg, progress=not args.quiet)
     if pool.skipped:
         print(f"skipped {len(pool.skipped)} invalid record(s); first: {pool.skipped[0]}")
     target = read_pool(cfg.target).examples if cfg.target.path else None
@@ -126,6 +136,12 @@ def run(args: argparse.Namespace) -> int:
         tokenizer, identity = model.tokenizer, model.identity
     # the dataset's files (data-*.arrow among them) are recorded as they appear
     folder.claim(["dataset_info.json", "state.json", "summary.json", "shards", "parquet"])
+    cache = None
+    if cfg.feature_cache and not cfg.engine.sharded:
+        from mechsieve.models.loading import cache_root
+        from mechsieve.store.features import FeatureCache
+
+        cache = FeatureCache(cache_root())
     if cfg.masker == "excess-loss":
         from mechsieve.tokens.excess_loss import ExcessLoss
 
@@ -134,13 +150,13 @@ def run(args: argparse.Namespace) -> int:
             masker.load_reference(model)
         else:
             masker.fit_reference(model, target, cfg.render, progress=not args.quiet)
-        result = run_masker(masker, model, pool.examples, cfg.render, progress=not args.quiet)
+        result = run_masker(masker, model, pool.examples, cfg.render, progress=not args.quiet, cache=cache)
     elif cfg.engine.sharded:
         result = mask_examples_sharded(model, pool.examples, cfg.xtf, cfg.render, words, cfg.engine,
                                        Path(cfg.out) / "shards", tokenizer, progress=not args.quiet, target=target)
     else:
         result = mask_examples(model, pool.examples, cfg.xtf, cfg.render, words=words, progress=not args.quiet,
-                               target=target)
+                               target=target, cache=cache)
     settings = {"command": to_dict(cfg), "model": identity, "pool": str(pool.path),
                 "pool_fingerprint": pool.fingerprint(), "words": len(words),
                 "target": {"path": cfg.target.path, "examples": len(target)} if target else None}

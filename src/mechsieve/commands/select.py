@@ -20,6 +20,8 @@ from mechsieve.commands._common import (
     engine_flags,
     model_flags,
     print_outputs,
+    read_data,
+    resolve_stream,
     scorer_class,
 )
 from mechsieve.data.readers import DataConfig
@@ -60,6 +62,10 @@ class SelectCommand:
     out: str = "runs/select"
     """Output folder: the subset in the pool's format, scores.parquet, summary.json (and
     shards/ while a sharded run is under way)."""
+    write_rejected: bool = False
+    """Also write the examples not selected, in the same format as the subset: rejected.jsonl
+    (.parquet, ..., or a `rejected` dataset folder) beside selected.jsonl; with several methods, in
+    each method's folder."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Where scoring runs: in process (default) or on Ray actors; shard size for resumable runs."""
 
@@ -82,6 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--order", choices=["auto", "top", "bottom"], help="which end of the scores (default: method's)")
     p.add_argument("--seed", type=int, help="seed (default 0)")
     p.add_argument("--out", "--output_dir", help="output folder (default runs/select)")
+    p.add_argument("--write-rejected", action="store_true", default=None,
+                   help="also write the examples not selected (rejected.jsonl beside selected.jsonl, same format)")
     p.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", default=None,
                    help="do not keep or reuse pool features in the mechsieve cache")
     add_overwrite_flag(p)
@@ -152,7 +160,6 @@ def method_settings(methods: list[str], scorer: dict[str, Any]) -> dict[str, dic
 
 def run(args: argparse.Namespace) -> int:
     from mechsieve.config import ConfigError
-    from mechsieve.data.readers import read_pool
     from mechsieve.data.writers import subset_filename
     from mechsieve.scorers.base import ScorerError
     from mechsieve.select import SelectionError, parse_budget
@@ -160,17 +167,18 @@ def run(args: argparse.Namespace) -> int:
 
     flags = {**model_flags(args), **data_flags(args), **data_flags(args, "target", "target"),
              "method": args.method, "budget": args.budget, "order": args.order, "seed": args.seed, "out": args.out,
-             "feature_cache": args.feature_cache, **engine_flags(args)}
+             "feature_cache": args.feature_cache, "write_rejected": args.write_rejected, **engine_flags(args)}
     cfg = build_config(SelectCommand, args, flags)
     # settings and the output folder first: a typo fails before a large pool is read or a model loaded
     methods = method_list(cfg.method)
     settings = method_settings(methods, cfg.scorer)
     classes = {m: scorer_class(m, settings[m], key="scorer" if len(methods) == 1 else f"scorer.{m}") for m in methods}
     check_budget(cfg.budget)
+    resolve_stream(cfg)
     for cls in classes.values():
         check_engine(cfg.engine, cls)
     folder = OutputFolder(cfg.out, NAME, overwrite=args.overwrite)
-    pool = read_pool(cfg.data)
+    pool = read_data(cfg, progress=not args.quiet)
     if pool.skipped:
         print(f"skipped {len(pool.skipped)} invalid record(s); first: {pool.skipped[0]}")
     print(f"read {len(pool)} examples ({pool.format}) from {pool.path}")
@@ -189,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
     order = None if cfg.order == "auto" else cfg.order
     several = len(methods) > 1
     entries = [*methods, "scores.parquet", "summary.json", "shards"] if several else \
-        [subset_filename(pool), "scores.parquet", "summary.json", "shards"]
+        [subset_filename(pool), "scores.parquet", "summary.json", "shards",
+         *([subset_filename(pool, "rejected")] if cfg.write_rejected else [])]
     folder.claim(entries)
     try:
         selections, shared = score_and_select(cfg, settings, pool, target, loaded, order, not args.quiet)
@@ -204,6 +213,10 @@ def run(args: argparse.Namespace) -> int:
         from mechsieve.select import write_selection
 
         paths = write_selection(pool, selections[methods[0]], cfg.out, extra)
+    if cfg.write_rejected:
+        for method, sel in selections.items():
+            rejected = write_rejected(pool, sel, Path(cfg.out) / method if several else Path(cfg.out))
+            paths = {**paths, (f"{method} rejected" if several else "rejected"): rejected}
     folder.finish()
     total = pool.counts_by_source()
     if shared.get("pass"):
@@ -259,6 +272,15 @@ def score_and_select(cfg: Any, settings: dict[str, dict[str, Any]], pool: Any, t
         cache = FeatureCache(cache_root())
     return select_many(settings, pool, cfg.budget, target=target, loaded=loaded, seed=cfg.seed, order=order,
                        cache=cache, progress=progress)
+
+
+def write_rejected(pool: Any, sel: Any, folder: Path) -> Path:
+    """The pool's examples that `sel` did not select, in the pool's format, as the subset is
+    written (`rejected.jsonl` beside `selected.jsonl`); returns the file (or dataset folder)."""
+    from mechsieve.data.writers import subset_filename, write_subset
+
+    left = [ex.id for ex, chosen in zip(pool.examples, sel.selected) if not chosen]
+    return write_subset(pool, left, folder / subset_filename(pool, "rejected"))
 
 
 def write_several(pool: Any, selections: dict[str, Any], shared: dict[str, Any], out: str, extra: dict[str, Any]

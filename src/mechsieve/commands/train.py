@@ -37,7 +37,12 @@ class TrainCommand:
     render: RenderConfig = field(default_factory=RenderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     out: str = "runs/train"
-    """Output folder: the adapter (or full model) and train.json (settings, loss curve)."""
+    """Output folder: the adapter (or full model), train.json (settings, loss curve), train_log.jsonl
+    (the loss lines), checkpoint-STEP folders (train.save_steps) and tensorboard/ (train.report_to)."""
+    resume: str = ""
+    """Continue a stopped run: `latest` (the newest checkpoint in `out`; from step 0 if there is
+    none yet) or a checkpoint-STEP folder; the result equals that of the run never stopped. Empty:
+    start at step 0 (an earlier run's checkpoints in `out` are removed)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,6 +59,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed of LoRA init, dropout and batch order (default 0)")
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     p.add_argument("--max-len", "--max_length", type=int, help="longest rendered example (tokens)")
+    p.add_argument("--save-steps", "--save_steps", type=int,
+                   help="write a checkpoint every N optimizer steps to OUT/checkpoint-N (default 0: none)")
+    p.add_argument("--save-total-limit", "--save_total_limit", type=int,
+                   help="keep the newest N checkpoints (default 3; 0: all)")
+    p.add_argument("--resume", "--resume_from_checkpoint", nargs="?", const="latest", metavar="CHECKPOINT",
+                   help="continue from the newest checkpoint in OUT, or from the checkpoint folder given")
+    p.add_argument("--logging-steps", "--logging_steps", type=int,
+                   help="a loss line every N steps, printed even under --quiet and kept in OUT/train_log.jsonl "
+                   "(default 10; 0: none)")
+    p.add_argument("--report-to", "--report_to", choices=["none", "tensorboard", "wandb"],
+                   help="also log to TensorBoard (OUT/tensorboard) or Weights & Biases (default none)")
+    p.add_argument("--gradient-checkpointing", "--gradient_checkpointing", action="store_true", default=None,
+                   help="recompute activations in the backward pass: less memory, more compute")
+    p.add_argument("--mixed-precision", "--mixed_precision", choices=["no", "bf16"],
+                   help="bf16: bfloat16 autocast (for GPUs with bf16; default no)")
+    p.add_argument("--bf16", dest="mixed_precision", action="store_const", const="bf16",
+                   help="the same as --mixed-precision bf16")
     add_config_flags(p)
 
 
@@ -71,9 +93,21 @@ def run(args: argparse.Namespace) -> int:
              "train.max_steps": args.steps, "train.epochs": args.epochs, "train.learning_rate": args.lr,
              "train.lora_r": args.lora_r, "train.max_tokens": args.max_tokens, "train.grad_accum": args.grad_accum,
              "train.seed": args.seed, "train.full_finetune": True if args.full else None,
-             "render.max_len": args.max_len}
+             "render.max_len": args.max_len, "resume": args.resume,
+             "train.save_steps": args.save_steps, "train.save_total_limit": args.save_total_limit,
+             "train.logging_steps": args.logging_steps, "train.report_to": args.report_to,
+             "train.gradient_checkpointing": args.gradient_checkpointing,
+             "train.mixed_precision": args.mixed_precision}
     cfg = build_config(TrainCommand, args, flags)
-    folder = OutputFolder(cfg.out, NAME, overwrite=args.overwrite)
+    from mechsieve.train.logs import require_tracker
+
+    require_tracker(cfg.train.report_to)  # before the model loads
+    from mechsieve.train.checkpoints import latest_checkpoint
+
+    # a run resumed from a checkpoint continues its own folder, finished or not: no --overwrite
+    # needed (--resume over finished output with no checkpoint to continue would train it anew)
+    continues = bool(cfg.resume) and (cfg.resume != "latest" or latest_checkpoint(cfg.out) is not None)
+    folder = OutputFolder(cfg.out, NAME, overwrite=args.overwrite, resumes=continues)
     loaded = load_model(cfg.model)
     if cfg.data.path and is_tokenized(cfg.data.path):
         items = load_tokenized(cfg.data.path)
@@ -94,15 +128,24 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"token id {top} is outside this model's vocabulary ({vocab}); the items were "
                           "tokenized for another model: pass that --model")
     if is_main_process():  # the adapter's files (named by peft) are recorded as they appear
-        folder.claim(["train.json"])
-    result = train(loaded, items, cfg.train, out_dir=cfg.out, progress=not args.quiet)
+        folder.claim(["train.json", "train_log.jsonl", "tensorboard"])
+    result = train(loaded, items, cfg.train, out_dir=cfg.out, progress=not args.quiet, resume=cfg.resume or None)
     if is_main_process():
         folder.finish()
     kind = "full fine-tuning" if cfg.train.full_finetune else f"LoRA r={cfg.train.lora_r}"
     if not is_main_process():
         return 0
-    print(f"{kind}: {result.steps} steps, {result.tokens} label tokens in {result.seconds:.1f} s "
+    resumed = f" (resumed at step {result.settings['resumed_from']['step']})" if result.resumed_from else ""
+    print(f"{kind}: {result.steps} steps{resumed}, {result.tokens} label tokens in {result.seconds:.1f} s "
           f"({result.tokens_per_s:.1f} tok/s); loss {result.loss_curve[0]:.4f} -> {result.loss_curve[-1]:.4f}")
-    print_outputs({"adapter" if not cfg.train.full_finetune else "model": Path(cfg.out),
-                   "settings": Path(cfg.out) / "train.json"})
+    out = Path(cfg.out)
+    paths: dict[str, Path] = {"adapter" if not cfg.train.full_finetune else "model": out,
+                              "settings": out / "train.json"}
+    if (out / "train_log.jsonl").exists():
+        paths["loss log"] = out / "train_log.jsonl"
+    if cfg.train.save_steps:
+        paths["checkpoints"] = out / "checkpoint-*"
+    if cfg.train.report_to == "tensorboard":
+        paths["tensorboard"] = out / "tensorboard"
+    print_outputs(paths)
     return 0

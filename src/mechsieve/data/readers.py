@@ -62,7 +62,9 @@ class DataConfig:
     field_map: dict[str, str] = field(default_factory=dict)
     """For format=mapping: {prompt: COL, response: COL, id: COL, system: COL, source: COL}."""
     source: str = ""
-    """Name recorded as each example's source; default: the file name (parent/stem for train.jsonl)."""
+    """Name recorded as each example's source. Default: a record's own `source` field (a non-empty
+    string: a mixed pool written by mechsieve keeps its sources), else the file name (parent/stem
+    for train.jsonl). A name given here wins over both; a field map's `source=COL` reads that column."""
     skip_invalid: bool = False
     """Skip malformed records (counted and reported) instead of stopping at the first."""
     limit: int = 0
@@ -430,7 +432,10 @@ def read_pool(
                 raise RecordError("<line>", "one JSON object per line", record.why)
             if fmt is None:
                 fmt = _detect(record, container)
-            examples.append(to_example(record, fmt, src, row, cfg.field_map))
+            example = to_example(record, fmt, src, row, cfg.field_map)
+            if not cfg.source and "source" not in cfg.field_map:
+                own_source(example, record)
+            examples.append(example)
         except RecordError as err:
             message = f"{loc}: {err}{_layout_note(record, container, fmt, cfg.format == 'auto')}"
             if not cfg.skip_invalid:
@@ -445,6 +450,14 @@ def read_pool(
     return Pool(examples, cfg.path, container, fmt or "auto", skipped, renamed, split=parse_split(cfg.split).name,
                 encoding=cfg.encoding)
 
+
+def own_source(example: Example, record: Any) -> None:
+    """A record's own `source` field (a non-empty string) becomes the example's source, over the
+    file-name default; it then leaves `meta`, where it would be counted twice."""
+    own = record.get("source") if isinstance(record, Mapping) else None
+    if isinstance(own, str) and own.strip():
+        example.source = own
+        example.meta.pop("source", None)
 
 
 def _present(record: Any, container: str) -> Any:

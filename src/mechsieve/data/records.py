@@ -80,10 +80,7 @@ class Pool:
         hashed anyway (fixing a record that --skip-invalid skipped shifts later rows)."""
         h = hashlib.sha256()
         for ex in self.examples:
-            meta = {k: v for k, v in ex.meta.items() if k != "row"}
-            fields = [ex.id, ex.source, ex.prompt, ex.response, meta] + ([ex.tool_calls] if ex.tool_calls else [])
-            h.update(json.dumps(fields, ensure_ascii=False, sort_keys=True, default=repr).encode())
-            h.update(b"\n")
+            h.update(fingerprint_line(ex))
         return h.hexdigest()[:16]
 
     def counts_by_source(self) -> dict[str, int]:
@@ -93,6 +90,13 @@ class Pool:
         keep = set(ids)
         return Pool([e for e in self.examples if e.id in keep], self.path, self.container, self.format,
                     split=self.split, encoding=self.encoding)
+
+
+def fingerprint_line(ex: Example) -> bytes:
+    """What `Pool.fingerprint` hashes of one example (a streamed pool hashes the same, as it reads)."""
+    meta = {k: v for k, v in ex.meta.items() if k != "row"}
+    fields = [ex.id, ex.source, ex.prompt, ex.response, meta] + ([ex.tool_calls] if ex.tool_calls else [])
+    return json.dumps(fields, ensure_ascii=False, sort_keys=True, default=repr).encode() + b"\n"
 
 
 def fingerprint_examples(examples: list[Example]) -> str:

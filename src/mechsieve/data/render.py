@@ -10,7 +10,11 @@ text cannot render them: `skip_unrenderable` drops such examples from a pool (co
 Response tokens are found by character spans: the
 assistant turn's text is located by rendering the chat up to the turn with and without it, and
 every token whose characters overlap it is a response token (the end-of-turn marker included, so
-the model learns to stop). Truncation to `max_len` keeps the start, and is counted, never silent.
+the model learns to stop). Template tokens are marked too (`Rendered.content_mask` is False on
+them): every token that overlaps no message's own `content` text (role headers, special tokens,
+an automatic system prompt, the end-of-turn marker); each message's text is looked for inside
+the span its turn adds to the rendering (the same prefix property), the last occurrence there.
+Truncation to `max_len` keeps the start, and is counted, never silent.
 `pad_id` is the one rule for the id that padded batches of rendered examples are filled with.
 """
 
@@ -56,7 +60,12 @@ class Rendered:
     input_ids: [t] int64; response_mask: [t] bool (True on tokens the loss is taken on);
     prompt_len: index of the first token of the final response (the token before it is the
     "last prompt token"); content_start: first token that is not a special token; fallback: why
-    the chat template could not render this example's tool calls (it was rendered plain), else "".
+    the chat template could not render this example's tool calls (it was rendered plain), else "";
+    content_mask: [t] bool, True on tokens overlapping a message's own text (its `content`, the
+    response included), False on the template's (None where unknown, e.g. built by hand);
+    user_start: first token of the last user turn's content (NAIT's drift anchor), None where the
+    example has no user turn or the template hides where it starts (`user_anchor` then falls back
+    to content_start).
     """
 
     input_ids: np.ndarray
@@ -65,9 +74,16 @@ class Rendered:
     content_start: int
     truncated: bool = False
     fallback: str = ""
+    content_mask: np.ndarray | None = None
+    user_start: int | None = None
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
+
+    @property
+    def user_anchor(self) -> int:
+        """user_start, or content_start where there is none (plain text, an unlocatable turn)."""
+        return self.content_start if self.user_start is None else self.user_start
 
     @property
     def last_prompt_index(self) -> int:
@@ -131,28 +147,34 @@ def render_example(ex: Example, tokenizer: Any, cfg: RenderConfig | None = None,
     if cfg.template == "none" and has_tools(ex):
         fallback = "render.template=none renders text without roles, and tool calls need them"
     if chat is not None and not fallback:
-        text, spans, prompt_end = chat
+        text, spans, prompt_end, content = chat
         bos, eos = [], []
     else:
         if cfg.template == "none" and not fallback:
-            text, spans, prompt_end = _raw_text(ex, response)
+            text, spans, prompt_end, content = _raw_text(ex, response)
         else:  # the plain template: no chat template, or one that cannot render these tool calls
-            text, spans, prompt_end = _plain_text(ex.prompt, response, cfg.response_turns, bool(ex.prompt), calls)
+            text, spans, prompt_end, content = _plain_text(ex.prompt, response, cfg.response_turns, bool(ex.prompt),
+                                                           calls)
         bos = [tokenizer.bos_token_id] if _wants_bos(tokenizer) else []
         eos = [tokenizer.eos_token_id] if (cfg.add_eos and (response or calls) and tokenizer.eos_token_id is not None
                                            ) else []
-    ids, mask, first_resp = _tokenize_with_spans(tokenizer, text, spans, prompt_end)
+    kind = "chat" if chat is not None and not fallback else ("none" if cfg.template == "none" and not fallback
+                                                               else "plain")
+    user_at = _last_user_char(ex, text, kind, lambda p: _render_text(kind, ex, p, response, calls, tokenizer, cfg))
+    ids, mask, first_resp, own, user_tok = _tokenize_with_spans(tokenizer, text, spans, prompt_end, content, user_at)
     ids = bos + ids + eos
     mask = [False] * len(bos) + mask + [True] * len(eos)
+    own = [False] * len(bos) + own + [False] * len(eos)
     prompt_len = len(bos) + first_resp
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     content_start = next((i for i, t in enumerate(ids) if t not in special), 0)
     truncated = len(ids) > cfg.max_len
     if truncated:
-        ids, mask = ids[: cfg.max_len], mask[: cfg.max_len]
+        ids, mask, own = ids[: cfg.max_len], mask[: cfg.max_len], own[: cfg.max_len]
         prompt_len = min(prompt_len, cfg.max_len)
+    user_start = None if user_tok is None else min(len(bos) + user_tok, len(ids) - 1)
     return Rendered(np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool), prompt_len,
-                    min(content_start, len(ids) - 1), truncated, fallback)
+                    min(content_start, len(ids) - 1), truncated, fallback, np.asarray(own, dtype=bool), user_start)
 
 
 def render_pool(examples: Sequence[Example], tokenizer: Any, cfg: RenderConfig | None = None,
@@ -218,7 +240,7 @@ def _wants_bos(tokenizer: Any) -> bool:
 
 
 def _chat_with_tools(ex: Example, response: str, calls: list[dict[str, Any]], tokenizer: Any, turns: str
-                     ) -> tuple[str, tuple[str, list[tuple[int, int]], int] | None]:
+                     ) -> tuple[str, tuple[str, list[tuple[int, int]], int, list[tuple[int, int]]] | None]:
     """(why the chat template cannot render `ex`'s tool calls or "", its chat text and spans).
     Without tools, errors of the template are the caller's as before."""
     if not has_tools(ex):
@@ -256,8 +278,9 @@ def _left_out(text: str, prompt: list[dict[str, Any]], calls: list[dict[str, Any
 
 def _chat_text(prompt: list[dict[str, Any]], response: str, tokenizer: Any, turns: str,
                calls: list[dict[str, Any]] | None = None, tools: list[dict[str, Any]] | None = None,
-               ) -> tuple[str, list[tuple[int, int]], int]:
-    """Full chat text, char spans of the response turns, and where the final response starts."""
+               ) -> tuple[str, list[tuple[int, int]], int, list[tuple[int, int]]]:
+    """Full chat text, char spans of the response turns, where the final response starts, and the
+    char spans of the messages' own text (`_content_spans`)."""
     final: dict[str, Any] = {"role": "assistant", "content": response, **({"tool_calls": calls} if calls else {})}
     messages = [*prompt, final] if response or calls else list(prompt)
     extra = {"tools": tools} if tools else {}
@@ -267,7 +290,7 @@ def _chat_text(prompt: list[dict[str, Any]], response: str, tokenizer: Any, turn
 
     if not (response or calls):
         text = fmt(messages, True)
-        return text, [], len(text)
+        return text, [], len(text), _content_spans(text, messages, fmt)
     full = fmt(messages, False)
     assistant_at = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if turns == "last":
@@ -290,7 +313,33 @@ def _chat_text(prompt: list[dict[str, Any]], response: str, tokenizer: Any, turn
             spans.append((start, start + len(content)))
         search_from = spans[-1][1]
     prompt_end = spans[-1][0]
-    return full, spans, prompt_end
+    return full, spans, prompt_end, _content_spans(full, messages, fmt)
+
+
+def _content_spans(text: str, messages: list[dict[str, Any]], fmt: Any) -> list[tuple[int, int]]:
+    """Char spans of each message's `content` in the chat `text`: looked for (as given, then
+    trimmed, as templates that `trim` render it) inside the part of `text` its turn adds (the
+    prefix property), last occurrence there, so a role header or a system prompt that contains the
+    same words is not taken for it; where the prefix property fails, the first occurrence after
+    the previous message. Not found (a template that rewrites the message): no span, and its
+    tokens count as the template's."""
+    out: list[tuple[int, int]] = []
+    lo = 0
+    for i, msg in enumerate(messages):
+        content = msg.get("content") or ""
+        upto = fmt(messages[: i + 1], False)
+        window = text.startswith(upto) and len(upto) >= lo
+        for probe in dict.fromkeys((content, content.strip())):
+            if not probe:
+                continue
+            start = text.rfind(probe, lo, len(upto)) if window else text.find(probe, lo)
+            if start >= 0:
+                out.append((start, start + len(probe)))
+                lo = start + len(probe)
+                break
+        if window:
+            lo = max(lo, len(upto))
+    return out
 
 
 _PLAIN_ROLE = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
@@ -310,15 +359,18 @@ def _with_calls(content: str, calls: list[dict[str, Any]]) -> str:
 
 
 def _plain_text(prompt: list[dict[str, Any]], response: str, turns: str, has_prompt: bool,
-                calls: list[dict[str, Any]] | None = None) -> tuple[str, list[tuple[int, int]], int]:
+                calls: list[dict[str, Any]] | None = None
+                ) -> tuple[str, list[tuple[int, int]], int, list[tuple[int, int]]]:
     parts: list[str] = []
     spans: list[tuple[int, int]] = []
+    content: list[tuple[int, int]] = []  # the messages' own text (the body starts with it)
     pos = 0
     for msg in prompt:
         head = f"{_PLAIN_ROLE[msg['role']]}: "
         body = _with_calls(msg["content"], msg.get("tool_calls", []))
         parts.append(head)
         pos += len(head)
+        content.append((pos, pos + len(msg["content"])))
         if msg["role"] == "assistant" and turns == "all":
             spans.append((pos, pos + len(body)))
         parts.append(body + "\n\n")
@@ -331,11 +383,12 @@ def _plain_text(prompt: list[dict[str, Any]], response: str, turns: str, has_pro
     answer = _with_calls(response, calls or [])
     if answer:
         spans.append((pos, pos + len(answer)))
+        content.append((pos, pos + len(response)))
         parts.append(answer)
-    return "".join(parts), spans, prompt_end
+    return "".join(parts), spans, prompt_end, content
 
 
-def _raw_text(ex: Example, response: str) -> tuple[str, list[tuple[int, int]], int]:
+def _raw_text(ex: Example, response: str) -> tuple[str, list[tuple[int, int]], int, list[tuple[int, int]]]:
     """TRL's standard format: the prompt's text, then the response's, nothing between."""
     if len(ex.prompt) > 1 or (ex.prompt and ex.prompt[0]["role"] != "user"):
         roles = [m["role"] for m in ex.prompt]
@@ -344,15 +397,20 @@ def _raw_text(ex: Example, response: str) -> tuple[str, list[tuple[int, int]], i
                           "set render.template=auto (its chat template) or plain")
     prompt = ex.prompt[0]["content"] if ex.prompt else ""
     text = prompt + response
-    return text, [(len(prompt), len(text))] if response else [], len(prompt)
+    return text, [(len(prompt), len(text))] if response else [], len(prompt), [(0, len(text))]
 
 
-def _tokenize_with_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]], prompt_end: int
-                         ) -> tuple[list[int], list[bool], int]:
-    """Token ids of `text`, a mask of tokens overlapping `spans`, and the first token at or after
-    `prompt_end` (the start of the final response)."""
+def _tokenize_with_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]], prompt_end: int,
+                         content: Sequence[tuple[int, int]] = (), user_at: int | None = None,
+                         ) -> tuple[list[int], list[bool], int, list[bool], int | None]:
+    """Token ids of `text`, a mask of tokens overlapping `spans`, the first token at or after
+    `prompt_end` (the start of the final response), a mask of tokens overlapping `content`
+    (slow tokenizers: each token has its segment's range, so the content mask is as coarse as the
+    segments, which are cut at the response spans only, keeping the ids as they were), and the
+    token holding character `user_at` (None when it is None; slow tokenizers: the number of
+    tokens before it, tokenized the same way)."""
     if not text:
-        return [], [], 0
+        return [], [], 0, [], None
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
@@ -360,9 +418,17 @@ def _tokenize_with_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]]
         ids, offsets = _tokenize_segments(tokenizer, text, spans, prompt_end)
     mask = [any(s < e_tok and e > s_tok for s, e in spans) if e_tok > s_tok else False
             for s_tok, e_tok in offsets]
+    own = [any(s < e_tok and e > s_tok for s, e in content) if e_tok > s_tok else False
+           for s_tok, e_tok in offsets]
     first = next((i for i, (s_tok, e_tok) in enumerate(offsets) if e_tok > prompt_end), len(ids))
     # A token straddling the boundary belongs to the response when it overlaps it.
-    return ids, mask, first
+    user_tok = None
+    if user_at is not None and getattr(tokenizer, "is_fast", False):
+        user_tok = next((i for i, (_, e_tok) in enumerate(offsets) if e_tok > user_at), None)
+    elif user_at is not None:
+        head = [(a, b) for a, b in spans if b <= user_at]
+        user_tok = len(_tokenize_segments(tokenizer, text[:user_at], head, min(prompt_end, user_at))[0])
+    return ids, mask, first, own, user_tok
 
 
 def _tokenize_segments(tokenizer: Any, text: str, spans: list[tuple[int, int]], prompt_end: int
@@ -379,3 +445,39 @@ def _tokenize_segments(tokenizer: Any, text: str, spans: list[tuple[int, int]], 
         ids += seg
         offsets += [(a, b)] * len(seg)
     return ids, offsets
+
+
+_USER_PROBE = "\u27e6mechsieve-last-user\u27e7"
+"""Stands in for the last user turn's content while locating it (text no template writes itself)."""
+
+
+def _render_text(kind: str, ex: Example, prompt: list[dict[str, Any]], response: str, calls: list[dict[str, Any]],
+                 tokenizer: Any, cfg: RenderConfig) -> str:
+    """The text `render_example` renders for `ex` with `prompt` in place of its prompt."""
+    if kind == "chat":  # the full text of _chat_text, rendered once (not turn by turn)
+        final: dict[str, Any] = {"role": "assistant", "content": response, **({"tool_calls": calls} if calls else {})}
+        messages = [*prompt, final] if response or calls else list(prompt)
+        tools = _record_tools(ex)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not (response or calls),
+                                             **({"tools": tools} if tools else {}))
+    return _plain_text(prompt, response, cfg.response_turns, bool(prompt), calls)[0]
+
+
+def _last_user_char(ex: Example, text: str, kind: str, text_of: Any) -> int | None:
+    """Character of `text` where the last user turn's content starts, for any chat template: the
+    chat is rendered again with that content replaced by a probe string, and where the probe lands
+    is where the content starts, provided the two renderings agree up to it (a template whose text
+    before the turn depends on the turn's content gives None). No template (`none`): the prompt is
+    the user's text, at 0. None without a user turn, or where the template fails on the probe."""
+    last = next((i for i in range(len(ex.prompt) - 1, -1, -1) if ex.prompt[i]["role"] == "user"), None)
+    if last is None:
+        return None
+    if kind == "none":
+        return 0
+    probe = [*ex.prompt[:last], {**ex.prompt[last], "content": _USER_PROBE}, *ex.prompt[last + 1:]]
+    try:
+        probed = text_of(probe)
+    except Exception:  # a template raises what it likes; the anchor then falls back to content_start
+        return None
+    at = probed.find(_USER_PROBE)
+    return at if at >= 0 and probed[:at] == text[:at] else None

@@ -41,6 +41,8 @@ def subset_filename(pool: Pool, stem: str = "selected") -> str:
 
 def write_subset(pool: Pool, ids: list[str] | set[str], out_path: str | Path) -> Path:
     """Write the records of `pool` whose id is in `ids`, in the pool's own container and layout."""
+    if hasattr(pool, "write_subset"):  # a streamed pool (data.stream) reads its records again to write them
+        return pool.write_subset(ids, out_path)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     keep = set(ids)

@@ -19,6 +19,7 @@ import numpy as np
 
 from mechsieve.config import ConfigError, check_choice
 from mechsieve.data.records import Example, Pool
+from mechsieve.data.stream import ExampleRefs, ShardReader
 
 
 class EngineError(RuntimeError):
@@ -58,6 +59,16 @@ class EngineConfig:
     under other settings are refused)."""
     keep_shards: bool = False
     """Keep the shard folder after a finished run (else it is removed once the result is written)."""
+    stream: Literal["auto", "on", "off"] = "auto"
+    """Pools larger than memory (data.stream): `on`: the driver scans the pool once and holds only
+    its ids, sources and fingerprint; every shard (of `shard_size`, default 256) reads its own
+    records where it runs, Ray actors included (they then need the data at the same path).
+    `off`: the pool is read into memory. `auto`: `on` for a local JSONL / CSV / Parquet file or
+    save_to_disk folder larger than `stream_above_mb`. Methods that need the whole pool at once
+    (kcenter, influence, ...) refuse `on`. Not `data.streaming`, which is how datasets reads a
+    hub dataset."""
+    stream_above_mb: float = 512.0
+    """Size on disk (megabytes) above which `stream=auto` streams the pool."""
 
     def __post_init__(self) -> None:
         check_choice("engine.executor", self.executor, ("local", "ray"))
@@ -67,11 +78,15 @@ class EngineConfig:
             raise ConfigError(f"engine.actors={self.actors} must be >= 1")
         if self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
             raise ConfigError("engine.gpus_per_actor must be >= 0 and engine.cpus_per_actor > 0")
+        check_choice("engine.stream", self.stream, ("auto", "on", "off"))
+        if self.stream_above_mb < 0:
+            raise ConfigError(f"engine.stream_above_mb={self.stream_above_mb} must be >= 0")
 
     @property
     def sharded(self) -> bool:
-        """Whether runs go through shards (a folder with markers), not one in-memory pass."""
-        return self.executor == "ray" or self.shard_size > 0
+        """Whether runs go through shards (a folder with markers), not one in-memory pass (a
+        streamed pool always is)."""
+        return self.executor == "ray" or self.shard_size > 0 or self.stream == "on"
 
     def effective_shard_size(self) -> int:
         return self.shard_size or 256
@@ -79,36 +94,55 @@ class EngineConfig:
 
 @dataclass
 class Shard:
-    """A contiguous slice `[start, start + len(examples))` of the pool, numbered `index`."""
+    """A contiguous slice `[start, start + size)` of the pool, numbered `index`."""
 
     index: int
     start: int
     examples: list[Example]
+    reader: ShardReader | None = None
+    """A streamed pool's shard (data.stream): its ids and where its records are. `examples` is
+    then empty (the driver holds none) until `load()` reads them where the shard runs."""
+
+    @property
+    def size(self) -> int:
+        return len(self.reader.ids) if self.reader is not None else len(self.examples)
 
     @property
     def stop(self) -> int:
-        return self.start + len(self.examples)
+        return self.start + self.size
 
     @property
     def ids(self) -> list[str]:
-        return [ex.id for ex in self.examples]
+        return list(self.reader.ids) if self.reader is not None else [ex.id for ex in self.examples]
+
+    def load(self) -> Shard:
+        """This shard with its examples: a streamed shard's read by its reader, any other as it is."""
+        if self.reader is None:
+            return self
+        return Shard(self.index, self.start, self.reader.read())
 
     def pool(self) -> Pool:
-        return Pool(self.examples, f"shard-{self.index:05d}", "memory", "memory")
+        return Pool(self.load().examples, f"shard-{self.index:05d}", "memory", "memory")
 
     def describe(self) -> str:
-        first = self.examples[0].id if self.examples else "-"
+        ids = self.reader.ids if self.reader is not None else [ex.id for ex in self.examples[:1]]
+        first = ids[0] if ids else "-"
         return f"shard {self.index} (examples {self.start}..{self.stop - 1}, first id {first!r})"
 
 
 def plan_shards(examples: Sequence[Example], shard_size: int) -> list[Shard]:
-    """Contiguous shards of `shard_size` examples in pool order (the last may be shorter).
+    """Contiguous shards of `shard_size` examples in pool order (the last may be shorter); a
+    streamed pool's examples (data.stream.ExampleRefs) give shards that read their own records.
 
     Deterministic: the same pool and size give the same shards, whatever the executor, so a run
-    started locally may be resumed on Ray and the other way round.
+    started locally may be resumed on Ray and the other way round (and streamed or not).
     """
     if shard_size < 1:
         raise ConfigError(f"engine.shard_size={shard_size} must be >= 1 to plan shards")
+    if isinstance(examples, ExampleRefs):
+        n = len(examples)
+        return [Shard(k, start, [], examples.pool.shard_reader(start, min(start + shard_size, n)))
+                for k, start in enumerate(range(0, n, shard_size))]
     return [Shard(k, start, list(examples[start:start + shard_size]))
             for k, start in enumerate(range(0, len(examples), shard_size))]
 
@@ -149,7 +183,7 @@ class Step(ABC):
         checks before it writes a shard, and again as it reads one back: rows saved against other
         ids would pair scores or activations with the wrong examples). Steps whose arrays are
         per token override this."""
-        m = len(shard.examples)
+        m = shard.size
         for name, values in output.arrays.items():
             rows = np.shape(values)[0] if np.ndim(values) else None
             if rows != m:

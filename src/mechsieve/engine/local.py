@@ -18,18 +18,18 @@ class LocalExecutor(Executor):
         if not shards:
             return
         step.setup()
-        bar = tqdm(total=sum(len(s.examples) for s in shards), unit="ex", desc=f"{step.name}: shards",
+        bar = tqdm(total=sum(s.size for s in shards), unit="ex", desc=f"{step.name}: shards",
                    disable=not progress, leave=False)
         try:
             for shard in shards:
                 start = time.perf_counter()
                 try:
-                    output = step.run(shard)
+                    output = step.run(shard.load())  # a streamed shard reads its records here
                 except (ShardError, EngineError):
                     raise
                 except Exception as err:
                     raise ShardError(shard.index, f"{shard.describe()} failed: {type(err).__name__}: {err}") from err
                 on_done(shard, output, time.perf_counter() - start)
-                bar.update(len(shard.examples))
+                bar.update(shard.size)
         finally:
             bar.close()

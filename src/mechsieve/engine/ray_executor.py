@@ -59,11 +59,21 @@ def unpack(arrays: bytes, meta: str) -> ShardOutput:
 
 
 def shard_tables(shards: list[Shard]) -> list[Any]:
-    """One Arrow table per shard (rows: its examples as JSON), so one block is one shard."""
+    """One Arrow table per shard (rows: its examples as JSON), so one block is one shard. A
+    streamed pool's shard is one row holding its pickled reader (data.stream.ShardReader: ids and
+    where its records are), so the actor reads its own examples and the driver ships none."""
+    import pickle
+
     import pyarrow as pa
 
     tables = []
     for s in shards:
+        if s.reader is not None:
+            tables.append(pa.table({
+                "shard": pa.array([s.index], pa.int64()), "start": pa.array([s.start], pa.int64()),
+                "size": pa.array([1], pa.int64()), "reader": pa.array([pickle.dumps(s.reader)], pa.binary()),
+            }))
+            continue
         m = len(s.examples)
         tables.append(pa.table({
             "shard": pa.array([s.index] * m, pa.int64()),
@@ -125,11 +135,15 @@ class ShardWorker:
         if len(set(batch["shard"].tolist())) != 1 or len(batch["shard"]) != int(batch["size"][0]):
             raise RuntimeError(f"shard {index} (examples ?) failed: it reached the worker in pieces "
                                f"({len(batch['shard'])} of {int(batch['size'][0])} rows); an engine bug, please report")
-        examples = [Example(**json.loads(text)) for text in batch["example"]]
-        shard = Shard(index, int(batch["start"][0]), examples)
         start = time.perf_counter()
+        if "reader" in batch:  # a streamed pool's shard: read its records here
+            import pickle
+
+            shard = Shard(index, int(batch["start"][0]), [], pickle.loads(batch["reader"][0]))
+        else:
+            shard = Shard(index, int(batch["start"][0]), [Example(**json.loads(text)) for text in batch["example"]])
         try:
-            output = self.step.run(shard)
+            output = self.step.run(shard.load())
         except Exception as err:
             raise RuntimeError(f"{shard.describe()} failed: {type(err).__name__}: {err}") from err
         seconds = time.perf_counter() - start
@@ -211,7 +225,7 @@ class RayExecutor(Executor):
         data_log = logging.getLogger("ray.data")
         level = data_log.level
         data_log.setLevel(logging.ERROR)
-        bar = tqdm(total=sum(len(s.examples) for s in shards), unit="ex", desc=f"{step.name}: ray shards",
+        bar = tqdm(total=sum(s.size for s in shards), unit="ex", desc=f"{step.name}: ray shards",
                    disable=not progress, leave=False)
         by_index = {s.index: s for s in shards}
         size = min(self.actors, len(shards))
@@ -233,7 +247,7 @@ class RayExecutor(Executor):
                 seconds[0] += float(row["setup"])
                 seconds[1] += float(row["seconds"])
                 on_done(by_index[k], unpack(row["arrays"], row["meta"]), float(row["seconds"]))
-                bar.update(len(by_index[k].examples))
+                bar.update(by_index[k].size)
             self.timings.update(run=time.perf_counter() - start, actor_setup=sum(b[0] for b in busy.values()),
                                 shard_compute=sum(b[1] for b in busy.values()),
                                 busiest_actor=max((sum(b) for b in busy.values()), default=0.0))

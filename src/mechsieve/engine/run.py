@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mechsieve.data.stream import ExampleRefs, ids_of, is_streamed
 from mechsieve.engine.base import (
     EngineConfig,
     EngineError,
@@ -27,6 +28,21 @@ from mechsieve.engine.base import (
     plan_shards,
 )
 from mechsieve.engine.shards import ShardStore
+
+
+def streamed_engine(pool: Any, engine: EngineConfig) -> EngineConfig:
+    """`engine` for `pool`: a streamed pool (data.stream) always goes through shards."""
+    from dataclasses import replace
+
+    return replace(engine, stream="on") if is_streamed(pool) and not engine.sharded else engine
+
+
+def refuse_whole_pool(scorer: Any, pool: Any) -> None:
+    """A method that needs every example at once cannot score a streamed pool (the driver holds ids)."""
+    if is_streamed(pool) and scorer.needs_model and not scorer.shardable:
+        raise EngineError(f"{scorer.name} needs the whole pool in memory at once, but the pool is streamed "
+                          f"(engine.stream); methods that stream: {', '.join(shardable_methods())}. Set "
+                          "engine.stream=off (--no-stream) for it")
 
 
 def make_executor(cfg: EngineConfig) -> Executor:
@@ -64,7 +80,7 @@ def run_step(step: Step, shards: list[Shard], store: ShardStore, executor: Execu
     missing = sorted({s.index for s in shards} - store.done(shards))
     if missing:
         raise EngineError(f"shards {missing[:10]} produced no output; rerun to resume")
-    return {**executor.describe(), "shards": len(shards), "shard_size": len(shards[0].examples) if shards else 0,
+    return {**executor.describe(), "shards": len(shards), "shard_size": shards[0].size if shards else 0,
             "resumed": len(shards) - len(todo), "ran": len(todo), "seconds": round(time.perf_counter() - start, 3),
             **{k: round(v, 3) for k, v in getattr(executor, "timings", {}).items()}}
 
@@ -82,7 +98,7 @@ def read_outputs(store: ShardStore, shards: list[Shard], step: Step) -> list[Sha
 def check_rows(what: str, arrays: dict[str, Any], shards: list[Shard], examples: list[Any]) -> None:
     """Refuse a combined result whose shards do not cover `examples`' ids in order, or an array
     without one row per example (checked before anything is saved)."""
-    ids = [ex.id for ex in examples]
+    ids = ids_of(examples)
     covered = [i for s in shards for i in s.ids]
     if covered != ids:
         at = next((k for k, (a, b) in enumerate(zip(covered, ids)) if a != b), min(len(covered), len(ids)))
@@ -117,8 +133,9 @@ def score_pool(scorer: Any, pool: Any, *, target: Any = None, model: Any = None,
     from mechsieve.engine.steps import ScoreStep, decode_result
     from mechsieve.scorers.registry import make_scorer
 
-    engine = engine or EngineConfig()
     scorer = make_scorer(scorer) if isinstance(scorer, str) else scorer
+    refuse_whole_pool(scorer, pool)
+    engine = streamed_engine(pool, engine or EngineConfig())
     if not engine.sharded or not scorer.needs_model or not scorer.shardable:
         if engine.executor == "ray" and scorer.needs_model and not scorer.shardable:
             raise EngineError(f"{scorer.name} needs the whole pool at once and cannot run on Ray shards; "
@@ -197,7 +214,9 @@ def score_pool_many(scorers: dict[str, Any], pool: Any, *, target: Any = None, m
     from mechsieve.engine.steps import ScoreManyStep, decode_many
     from mechsieve.scorers.base import ForwardScorer
 
-    engine = engine or EngineConfig()
+    for scorer in scorers.values():
+        refuse_whole_pool(scorer, pool)
+    engine = streamed_engine(pool, engine or EngineConfig())
     forward = {label: s for label, s in scorers.items() if isinstance(s, ForwardScorer)}
     results: dict[str, Any] = {}
     report: dict[str, Any] = {"shared": sorted(forward), "methods": {}}
@@ -331,7 +350,7 @@ def capture_sharded(model: Any, pool: Any, cfg: Any, render_cfg: Any, out_dir: s
         rstats.fallback_ids.extend(r.get("fallback_ids", []))
     plan = BatchPlan([[] for _ in range(stats.batches)], stats.real_tokens, stats.padded_tokens)
     result = CaptureResult(arrays, outputs[0].meta["layers"], n_resp, plan, stats)
-    save_capture(out_dir, result, settings, [ex.id for ex in pool.examples])
+    save_capture(out_dir, result, settings, ids_of(pool.examples))
     if not engine.keep_shards:
         store.remove()
     return result, {"render": rstats.summary(), "truncated": rstats.truncated, "cached": False, "engine": report}
@@ -348,7 +367,8 @@ def token_scores_sharded(model: Any, examples: list[Any], xtf_cfg: Any, words: l
     shards = plan_shards(examples, engine.effective_shard_size())
     executor = make_executor(engine)
     step = TokenScoreStep(xtf_cfg, words, render_cfg, model, target=target)
-    pool = Pool(list(examples), "", "memory", "memory")
+    # a streamed pool's examples (ExampleRefs) keep their pool: its fingerprint, without reading them
+    pool = examples.pool if isinstance(examples, ExampleRefs) else Pool(list(examples), "", "memory", "memory")
     store = ShardStore(folder, {**step.settings(), "pool": pool.fingerprint(), **shard_key(shards, engine)},
                        engine.overwrite)
     report = run_step(step, shards, store, executor, progress)

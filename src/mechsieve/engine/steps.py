@@ -108,6 +108,7 @@ class ScoreStep(ModelStep):
         self._scorer = self.scorer_cls(self.scorer_config)
 
     def run(self, shard: Shard) -> ShardOutput:
+        shard = shard.load()  # a streamed shard reads its own records (no-op otherwise)
         if self._scorer is None:
             self.setup()
         result = self._scorer.score_shard(shard.pool(), self.state, self.loaded, progress=False)
@@ -140,6 +141,7 @@ class ScoreManyStep(ModelStep):
         self._scorers = {label: cls(config) for label, (cls, config, _, _) in self.specs.items()}
 
     def run(self, shard: Shard) -> ShardOutput:
+        shard = shard.load()  # a streamed shard reads its own records (no-op otherwise)
         from mechsieve.scorers.many import shard_many
 
         if self._scorers is None:
@@ -182,6 +184,7 @@ class CaptureStep(ModelStep):
                 "model": self.identity}
 
     def run(self, shard: Shard) -> ShardOutput:
+        shard = shard.load()  # a streamed shard reads its own records (no-op otherwise)
         from mechsieve.capture.activations import capture
         from mechsieve.data.render import pad_id, render_pool
 
@@ -229,6 +232,7 @@ class TokenScoreStep(ModelStep):
                 "target": fingerprint_examples(self.target) if self.target else None}
 
     def run(self, shard: Shard) -> ShardOutput:
+        shard = shard.load()  # a streamed shard reads its own records (no-op otherwise)
         from mechsieve.data.render import render_pool
         from mechsieve.tokens.xtf import Xtf
 
@@ -241,7 +245,7 @@ class TokenScoreStep(ModelStep):
 
     def check_output(self, shard: Shard, output: ShardOutput) -> None:
         """`lengths` has a row per example, every other array a row per token (their sum)."""
-        m = len(shard.examples)
+        m = shard.size
         lengths = output.arrays.get("lengths")
         if lengths is None or np.shape(lengths) != (m,):
             raise ShardError(shard.index, f"{shard.describe()}: lengths has shape {np.shape(lengths)} for its "

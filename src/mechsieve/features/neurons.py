@@ -4,7 +4,8 @@ A `CapabilityDirections` holds, for each target capability `c` and chosen layer 
 direction `v[c, l]` (first principal component of the target set's drifts, sign-calibrated so
 that the mean drift projects non-negatively), the share of variance it explains, and the mean
 and standard deviation over the target set of each layer's dot product and cosine with it (for
-z-normalisation). It is a
+z-normalisation), and optionally which of its layers each capability's score sums (`layer_mask`,
+chosen by held-out separation: `roc_auc`, `choose_layers`). It is a
 reusable artefact ("capability fingerprint"): `nait_directions.safetensors` + `.json` of the
 settings that made it; loading under other settings is refused naming the differing ones.
 """
@@ -20,6 +21,8 @@ import numpy as np
 from mechsieve.data.readers import DataError
 
 ARTEFACT = "nait_directions"
+LEGACY_SETTINGS = {"anchor": "first_content", "layer_select": "none"}
+"""How artefacts saved before these settings existed were made (read as their values on load)."""
 
 
 def first_component(drifts: np.ndarray) -> tuple[np.ndarray, float]:
@@ -53,6 +56,21 @@ class CapabilityDirections:
     cos_mean: np.ndarray
     cos_std: np.ndarray
     settings: dict[str, Any] = field(default_factory=dict)
+    layer_mask: np.ndarray | None = None
+    """[c, L] float64, 1 where capability c's score sums layer l, 0 where not (None: every layer)."""
+
+    def mask(self) -> np.ndarray:
+        """[c, L] float64 layer mask (all ones when none is set)."""
+        if self.layer_mask is None:
+            return np.ones(self.explained.shape, dtype=np.float64)
+        return np.asarray(self.layer_mask, dtype=np.float64)
+
+    def subset(self, keep: list[int], layer_mask: np.ndarray | None = None) -> CapabilityDirections:
+        """These directions at layer positions `keep` (indices into `layers`), with a new mask."""
+        k = list(keep)
+        return CapabilityDirections(self.names, [self.layers[i] for i in k], self.directions[:, k],
+                                    self.explained[:, k], self.proj_mean[:, k], self.proj_std[:, k],
+                                    self.cos_mean[:, k], self.cos_std[:, k], dict(self.settings), layer_mask)
 
     def save(self, folder: str | Path) -> Path:
         from mechsieve.store.artefacts import save_artefact
@@ -60,6 +78,8 @@ class CapabilityDirections:
         tensors = {"directions": self.directions.astype(np.float32), "explained": self.explained,
                    "proj_mean": self.proj_mean, "proj_std": self.proj_std,
                    "cos_mean": self.cos_mean, "cos_std": self.cos_std}
+        if self.layer_mask is not None:
+            tensors["layer_mask"] = self.mask()
         return save_artefact(folder, ARTEFACT, tensors, self.settings,
                              extra={"names": self.names, "layers": self.layers})
 
@@ -73,13 +93,14 @@ class CapabilityDirections:
         from mechsieve.store.artefacts import SettingsMismatch, diff_settings, load_artefact
 
         tensors, meta = load_artefact(folder, ARTEFACT)
-        saved = meta.get("settings", {})
+        saved = {**LEGACY_SETTINGS, **meta.get("settings", {})}
         if expected is not None:
             differences = diff_settings({k: saved.get(k) for k in expected}, expected)
             if differences:
                 raise SettingsMismatch(Path(folder) / ARTEFACT, differences)
         return cls(meta["names"], meta["layers"], tensors["directions"], tensors["explained"],
-                   tensors["proj_mean"], tensors["proj_std"], tensors["cos_mean"], tensors["cos_std"], saved)
+                   tensors["proj_mean"], tensors["proj_std"], tensors["cos_mean"], tensors["cos_std"], saved,
+                   tensors.get("layer_mask"))
 
 
 def fit_directions(drifts: dict[str, np.ndarray], layers: list[int], settings: dict[str, Any] | None = None
@@ -105,3 +126,29 @@ def fit_directions(drifts: dict[str, np.ndarray], layers: list[int], settings: d
             cmean[c, k], cstd[c, k] = cos.mean(), cos.std()
     return CapabilityDirections(names, list(layers), dirs.astype(np.float32), explained, mean, std, cmean, cstd,
                                 dict(settings or {}))
+
+
+def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """ROC AUC of scores `pos: [p]` (positives) against `neg: [q]`: P(pos > neg) + P(pos = neg) / 2
+    (the Mann-Whitney statistic over all p * q pairs); NaN when either side is empty."""
+    pos, neg = np.asarray(pos, dtype=np.float64), np.sort(np.asarray(neg, dtype=np.float64))
+    if pos.size == 0 or neg.size == 0:
+        return float("nan")
+    below = np.searchsorted(neg, pos, side="left")
+    ties = np.searchsorted(neg, pos, side="right") - below
+    return float((below + 0.5 * ties).sum() / (pos.size * neg.size))
+
+
+def layer_aucs(held: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """[L] ROC AUC per layer of held-out target terms `held: [h, L]` against pool terms `pool: [s, L]`."""
+    return np.array([roc_auc(held[:, k], pool[:, k]) for k in range(held.shape[1])])
+
+
+def choose_layers(aucs: np.ndarray, top: int) -> np.ndarray:
+    """[c, L] float64 mask keeping, per row of `aucs: [c, L]`, the `top` layers of highest AUC
+    (ties: the earlier layer; NaN ranks last); every layer when `top` >= L."""
+    aucs = np.nan_to_num(np.asarray(aucs, dtype=np.float64), nan=-np.inf)
+    mask = np.zeros(aucs.shape, dtype=np.float64)
+    for c, row in enumerate(aucs):
+        mask[c, np.argsort(-row, kind="stable")[:max(int(top), 0)]] = 1.0
+    return mask

@@ -181,15 +181,18 @@ def igds_body(ex: dict[str, Any]) -> Html:
                       "where the latent is strongest, the activating token highlighted (hover for its activation)."))
     features = ex.get("features") or []
     contrast = any("contrast_freq" in row for row in features)
+    template = any("template_share" in row for row in features)  # share of top activations on template tokens
     rows = []
     for row in features:
         snips = [snippet(str(sn.get("text", "")), float(sn.get("act", 0.0)), str(sn.get("id", "")),
                          int(row.get("feature", -1))) for sn in row.get("snippets") or []]
         rows.append([int(row.get("feature", -1)), row.get("freq"), row.get("mean_act"),
-                     *([row.get("contrast_freq", "-")] if contrast else []), row.get("delta", "-"),
+                     *([row.get("contrast_freq", "-")] if contrast else []),
+                     *([row.get("template_share", "-")] if template else []), row.get("delta", "-"),
                      row.get("best_alpha", "-"), join(snips) if snips else "(no pool example activates it)"])
     parts.append(table(["latent", "recall frequency", "mean activation", *(["contrast frequency"] if contrast else []),
-                        "steering Δ", "α", "top-activating pool snippets"], rows, cls="features"))
+                        *(["template share"] if template else []), "steering Δ", "α", "top-activating pool snippets"],
+                       rows, cls="features"))
     return join(parts)
 
 
@@ -409,8 +412,10 @@ def experiment_section(run: ExperimentRun, primary: list[str], columns: list[str
         ("methods", ", ".join(m for m in summary)), ("seeds", ", ".join(map(str, cfg.get("seeds", [])))),
         ("budget", cfg.get("budget")), ("steps per run", res.get("steps")), ("steps from", res.get("steps_from")),
         ("pool", (res.get("pool") or {}).get("examples")),
-        ("cache reuse", ", ".join(f"{k} {v}" for k, v in hits.items()) or None)])]
-    parts.append(tag("h3", "Comparison (mean ± std over seeds; Δ against full data)"))
+        ("cache reuse", ", ".join(f"{k} {v}" for k, v in hits.items()) or None),
+        ("written by", res.get("written_by"))])]
+    against = "; Δ against full data" if "full" in summary else ""
+    parts.append(tag("h3", f"Comparison (mean ± std over seeds{against})"))
     parts.append(comparison_table(summary, primary or columns, lower_is_better))
     others = [c for c in columns if c not in primary] if primary else []
     if others:

@@ -7,8 +7,9 @@
   Marion et al. 2023, arXiv 2309.04564); `direction` high or low.
 - `ifd`: Instruction-Following Difficulty of Cherry LLM (Li et al., NAACL 2024,
   arXiv 2308.12032): ppl(y | x) / ppl(y).
-- `rds`: RDS+ (Ivison et al. 2025, arXiv 2503.01807): cosine of mean-pooled last-layer hidden
-  states to the target set.
+- `rds`: RDS+ (Ivison et al. 2025, arXiv 2503.01807): cosine of the last layer's hidden states,
+  pooled by a position-weighted mean (the paper's "+", SGPT's weights w_i proportional to the
+  position i = 1..T), to the target set; a plain mean is an option (`pooling=mean`).
 """
 
 from __future__ import annotations
@@ -178,8 +179,10 @@ class IfdScorer(ForwardScorer):
 class RdsConfig(ModelScorerConfig):
     """Settings of RDS+."""
 
-    pooling: Literal["mean_all", "mean_response"] = "mean_all"
-    """Mean over every token (RDS+) or over the response tokens only."""
+    pooling: Literal["weighted_mean", "mean", "mean_response"] = "weighted_mean"
+    """`weighted_mean` (RDS+): over every real token, weights w_i = i / sum_j j for the positions
+    i = 1..T (SGPT); `mean`: plain mean over every token (before: the default); `mean_response`:
+    plain mean over the response tokens only."""
     aggregate: Literal["mean", "max"] = "mean"
     """How the cosines to the target examples combine into one score."""
     apply_final_norm: bool = True
@@ -189,9 +192,13 @@ class RdsConfig(ModelScorerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_choice("rds.pooling", self.pooling, ("mean_all", "mean_response"))
+        check_choice("rds.pooling", self.pooling, ("weighted_mean", "mean", "mean_response"))
         check_choice("rds.aggregate", self.aggregate, ("mean", "max"))
         check_choice("rds.capabilities", self.capabilities, ("source", "single"))
+
+
+POOLING_REDUCTIONS = {"weighted_mean": "weighted_mean_all", "mean": "mean_all"}
+"""RdsConfig.pooling -> capture.reductions name; other names (k-center's) are reductions already."""
 
 
 def pooled_feature(loaded: Any, cfg: Any) -> Pooled:
@@ -201,11 +208,11 @@ def pooled_feature(loaded: Any, cfg: Any) -> Pooled:
 
     last = hook_points(loaded.model).n_layers - 1
     norm = final_norm(loaded.model) if cfg.apply_final_norm else None
-    return Pooled(pass_key(cfg), last, cfg.pooling, norm)
+    return Pooled(pass_key(cfg), last, POOLING_REDUCTIONS.get(cfg.pooling, cfg.pooling), norm)
 
 
 def pooled_last_layer(loaded: Any, examples: list, cfg: Any, progress: bool, desc: str) -> np.ndarray:
-    """[n, d] float64 mean-pooled last-layer hidden states (after the final norm if asked).
+    """[n, d] float64 pooled last-layer hidden states (after the final norm if asked).
 
     `cfg`: a ModelScorerConfig with `pooling` and `apply_final_norm` (RdsConfig, KCenterConfig)."""
     arrays, _ = feature_pass(loaded, examples, {"pooled": pooled_feature(loaded, cfg)}, progress=progress, desc=desc)
@@ -229,8 +236,11 @@ def target_groups(target: Pool, capabilities: str) -> dict[str, list[int]]:
 
 class RdsScorer(ForwardScorer):
     """RDS+ (Ivison et al. 2025, "Large-Scale Data Selection for Instruction Tuning"): embed each
-    example as the mean over tokens of the last-layer hidden state, score = cosine to the target
-    examples aggregated by mean (option: max). The paper uses round-robin over target tasks; here
+    example as the position-weighted mean over its tokens of the last-layer hidden state (weights
+    proportional to the position 1..T, as the paper takes from SGPT; `pooling=mean`: the plain
+    mean), score = cosine to the target examples aggregated by mean (option: max). The paper
+    pools its own prompt format over the whole text; here the text is the example as rendered
+    (chat template included). The paper uses round-robin over target tasks; here
     each target source is a capability and selection takes the union of per-capability top-k.
     `pool_embeddings` keeps the last call's [n, d] embeddings (the whole pool's after `score`) for
     reuse, e.g. by k-center."""

@@ -6,24 +6,53 @@ arXiv 2603.13201); no official code. Per layer `l`, the activation drift of an e
 the first principal component of the target set's drifts, sign-calibrated so the mean drift
 projects non-negatively; the score is `s(y) = sum_l dA_l(y) . v_l`.
 
-What this implementation adds or decides where the paper is silent:
+Two presets (`NaitConfig.preset`, as XtfConfig's). `paper` is the above exactly as first built
+here: drift from the first non-special token to the last token, dot product, no normalisation,
+every layer. `robust` (default) is this project's, because the paper's anchor reads the chat
+template, not the task: with SmolLM2's automatic system prompt the first non-special token is
+the role word `system` at position 1, the same in every example, so `dA = A_last - const` and
+NAIT degrades into a projection of the last token's state (B1: GSM8K share 0.714 where RDS+ and
+LESS reach 1.00). What `robust` changes, and why:
+- `anchor=last_user`: the drift starts at the first token of the last user turn's content (the
+  task's own first word; located at render time for any chat template, `Rendered.user_start`),
+  so it measures how the model's state moves over this example's instruction and answer;
+- `similarity=cosine`: the drift's norm grows with the text's length and with depth (in most
+  models the residual stream of the last blocks is several times larger), so dot products rank long
+  examples first and let the last layers outvote the others; the cosine is the drift's direction
+  only, bounded per layer;
+- `normalize=target`: each layer's term in target standard deviations from the target mean, so
+  a layer counts by how typical of the target the example is there, whatever the term's scale;
+  the target's statistics (not the pool's) keep a shard's scores final and saved directions
+  reusable on another pool;
+- `layer_select=auc`, `layer_top=8`: not every layer tells the target from other data (early
+  blocks mostly see the template and the tokens themselves); the target is split (seeded, by
+  id) into halves, directions are fitted on one, and each layer's term is scored by the ROC AUC
+  of the held-out half against a seeded sample of the pool (`layer_pool`); each capability keeps
+  its `layer_top` best layers (about a quarter of a 30-block model), whose directions are then
+  fitted on the whole target. The per-layer AUCs are in the explanations (`layer_auc`).
+  These defaults are reasoned, not yet measured on a benchmark.
+
+What this implementation adds or decides where the paper is silent, under either preset:
 - `site`: residual stream after each block (default) or MLP neurons (input of the down
   projection); the paper says "neurons" without fixing which.
 - `drift`: `last` (the paper's), `last_prompt` (last prompt token, i.e. the instruction only),
-  or `mean` (mean over response tokens minus mean over prompt tokens).
+  or `mean` (mean over response tokens minus mean over prompt tokens; no anchor).
+- `anchor`: `last_user`, `response` (the first response token: the drift over the answer only)
+  or `first_content` (the paper's first non-special token).
 - `similarity`: `dot` (paper) or `cosine`; `normalize`: per-layer z-normalisation of each term
   before summing, with the target set's statistics (`target`) or the pool's (`pool`).
 - several capabilities (one per target source): one direction set each; selection takes the
   union of per-capability top-k (round-robin), trimmed to the budget. The score column is the
   max over capabilities.
 - the pool pass never keeps drifts: each layer's drift is projected inside the hook, so memory
-  is [n, capabilities, layers]. Directions are a reusable artefact (features.neurons).
+  is [n, capabilities, layers]. Directions are a reusable artefact (features.neurons), with the
+  layers each capability keeps.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -35,30 +64,62 @@ from mechsieve.capture.shared import Feature, PassKey, digest, feature_pass
 from mechsieve.config import ConfigError, check_choice, to_dict
 from mechsieve.data.records import Pool
 from mechsieve.data.render import pad_id
-from mechsieve.features.neurons import CapabilityDirections, fit_directions
+from mechsieve.features.neurons import (
+    CapabilityDirections,
+    choose_layers,
+    fit_directions,
+    layer_aucs,
+)
 from mechsieve.models.hooks import hook_points
 from mechsieve.scorers.base import ForwardScorer, ScorerError, ScoreResult, ShardState
-from mechsieve.scorers.baselines import target_groups
+from mechsieve.scorers.baselines import hashed_uniform, target_groups
 from mechsieve.scorers.common import ModelScorerConfig, layer_pass, pass_key, render
 
 DRIFTS = ("last", "last_prompt", "mean")
+ANCHORS = ("last_user", "response", "first_content")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # the paper's recipe exactly as first built here (see the module docstring)
+    "paper": {"anchor": "first_content", "drift": "last", "similarity": "dot", "normalize": "none",
+              "layer_select": "none", "layer_top": 8},
+    "robust": {"anchor": "last_user", "drift": "last", "similarity": "cosine", "normalize": "target",
+               "layer_select": "auc", "layer_top": 8},
+}
+"""The settings each preset gives the fields left unset (None)."""
 
 
 @dataclass
 class NaitConfig(ModelScorerConfig):
-    """Settings of NAIT."""
+    """Settings of NAIT. Fields left unset (None) take the preset's value."""
 
+    preset: Literal["robust", "paper"] = "robust"
+    """`robust` (default): drift from the last user turn, cosine, target z-normalisation, layers
+    chosen by held-out AUC (module docstring says why); `paper`: the paper's recipe (first
+    non-special token, dot, no normalisation, every layer). A field set explicitly overrides it."""
     site: Literal["resid", "mlp"] = "resid"
     """`resid`: residual stream after each block; `mlp`: MLP neurons (input of the down projection)."""
     layers: list[int] | Literal["all"] = "all"
-    """Blocks to use (negative counts from the end), or `all`."""
-    drift: Literal["last", "last_prompt", "mean"] = "last"
-    """`last`: last token - first content token (paper); `last_prompt`: last prompt token - first
-    content token; `mean`: mean over response - mean over prompt."""
-    similarity: Literal["dot", "cosine"] = "dot"
-    """Per-layer term: dot product with the direction (paper) or cosine."""
-    normalize: Literal["none", "target", "pool"] = "none"
-    """Z-normalise each layer's term before summing, with target-set or pool statistics."""
+    """Blocks to use (negative counts from the end), or `all`; with layer_select=auc, the candidates."""
+    anchor: Literal["last_user", "response", "first_content"] | None = None
+    """The drift's first token: `last_user` (robust): the first token of the last user turn's
+    content; `response`: the first response token; `first_content` (paper): the first non-special
+    token (with an automatic system prompt, the constant role word `system`). Not read by drift=mean."""
+    drift: Literal["last", "last_prompt", "mean"] | None = None
+    """`last` (both presets): last token - anchor; `last_prompt`: last prompt token - anchor;
+    `mean`: mean over response - mean over prompt."""
+    similarity: Literal["dot", "cosine"] | None = None
+    """Per-layer term: dot product with the direction (paper) or cosine (robust)."""
+    normalize: Literal["none", "target", "pool"] | None = None
+    """Z-normalise each layer's term before summing, with target-set (robust) or pool statistics;
+    `none` (paper)."""
+    layer_select: Literal["none", "auc"] | None = None
+    """`none` (paper): sum every layer; `auc` (robust): per capability, keep the `layer_top` layers
+    whose term best separates a held-out half of the target from a sample of the pool (ROC AUC)."""
+    layer_top: int | None = None
+    """layer_select=auc: how many layers each capability keeps (8 in both presets)."""
+    layer_pool: int = 256
+    """layer_select=auc: how many pool examples (a seeded sample, by id) the held-out target is
+    compared with."""
     capabilities: Literal["source", "single"] = "source"
     """`source`: each source of the target pool is a capability (union selection); `single`: one."""
     directions: str = ""
@@ -68,37 +129,77 @@ class NaitConfig(ModelScorerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choice("nait.preset", self.preset, tuple(PRESETS))
+        for key, value in PRESETS[self.preset].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         check_choice("nait.site", self.site, ("resid", "mlp"))
+        check_choice("nait.anchor", self.anchor, ANCHORS)
         check_choice("nait.drift", self.drift, DRIFTS)
         check_choice("nait.similarity", self.similarity, ("dot", "cosine"))
         check_choice("nait.normalize", self.normalize, ("none", "target", "pool"))
+        check_choice("nait.layer_select", self.layer_select, ("none", "auc"))
         check_choice("nait.capabilities", self.capabilities, ("source", "single"))
         if self.layers != "all" and not self.layers:
             raise ConfigError("nait.layers is empty; give 'all' or a list like [0, 5, -1]")
+        if self.layer_top < 1 or self.layer_pool < 1:
+            raise ConfigError(f"nait.layer_top={self.layer_top} and nait.layer_pool={self.layer_pool} must be >= 1")
+        if self.anchor == "response" and self.drift == "last_prompt":
+            raise ConfigError("nait.anchor=response with nait.drift=last_prompt runs the drift backwards (the last "
+                              "prompt token comes before the first response token); use drift=last, or "
+                              "anchor=last_user")
+
+    def selection_key(self) -> str:
+        """What of the layer choice a saved artefact must agree on."""
+        return "none" if self.layer_select == "none" else f"auc top={self.layer_top} similarity={self.similarity}"
 
 
-def drift_of(acts: torch.Tensor, batch: Collated, kind: str) -> torch.Tensor:
+def anchor_column(batch: Collated, anchor: str) -> torch.Tensor:
+    """[b] padded column of each row's anchor token (see NaitConfig.anchor)."""
+    if anchor == "first_content":
+        rel = batch.content_start
+    elif anchor == "last_user":
+        rel = batch.user_start if batch.user_start is not None else batch.content_start
+    else:  # the first response token; the last token where truncation left none
+        rel = torch.minimum(batch.prompt_len, batch.lengths - 1)
+    return batch.column(rel)
+
+
+def drift_of(acts: torch.Tensor, batch: Collated, kind: str, anchor: str = "first_content") -> torch.Tensor:
     """[b, d] drift of a batch's per-token activations `acts: [b, t, d]` (see NaitConfig.drift)."""
     acts = acts.float()
     if kind == "mean":
         return REDUCTIONS["mean_response"](acts, batch) - REDUCTIONS["mean_prompt"](acts, batch)
     rows = torch.arange(acts.shape[0], device=acts.device)
-    first = acts[rows, batch.column(batch.content_start)]
+    first = acts[rows, anchor_column(batch, anchor)]
     end = REDUCTIONS["last"](acts, batch) if kind == "last" else REDUCTIONS["last_prompt"](acts, batch)
     return end - first
 
 
+def drift_terms(drifts: np.ndarray, v: np.ndarray, similarity: str) -> np.ndarray:
+    """[m, L] per-layer terms of drifts `[m, L, d]` on one capability's directions `v: [L, d]`."""
+    x = np.asarray(drifts, dtype=np.float64)
+    proj = np.einsum("mld,ld->ml", x, np.asarray(v, dtype=np.float64))
+    if similarity == "cosine":
+        norms = np.linalg.norm(x, axis=-1)
+        proj = proj / np.where(norms > 0, norms, 1.0)
+    return proj
+
+
 def layer_terms(proj: np.ndarray, norms: np.ndarray, dirs: CapabilityDirections, similarity: str,
                 normalize: str) -> np.ndarray:
-    """Per-layer terms [n, c, L] from projections [n, c, L] and drift norms [n, L]."""
+    """Per-layer terms [n, c, L] from projections [n, c, L] and drift norms [n, L]; 0 at the layers a
+    capability does not keep (dirs.layer_mask)."""
     terms = proj / np.where(norms > 0, norms, 1.0)[:, None, :] if similarity == "cosine" else proj
     if normalize == "target":
         mu, sd = (dirs.cos_mean, dirs.cos_std) if similarity == "cosine" else (dirs.proj_mean, dirs.proj_std)
     elif normalize == "pool":
         mu, sd = terms.mean(axis=0), terms.std(axis=0)
     else:
-        return terms
-    return (terms - mu[None]) / np.where(sd > 0, sd, 1.0)[None]
+        mu = sd = None
+    if mu is not None:
+        terms = (terms - mu[None]) / np.where(sd > 0, sd, 1.0)[None]
+    return terms if dirs.layer_mask is None else terms * dirs.mask()[None]
 
 
 class DriftProjection(Feature):
@@ -108,16 +209,18 @@ class DriftProjection(Feature):
 
     kind = "nait_drift_projection"
 
-    def __init__(self, key: PassKey, drift: str, dirs: CapabilityDirections, device: Any) -> None:
+    def __init__(self, key: PassKey, drift: str, dirs: CapabilityDirections, device: Any,
+                 anchor: str = "first_content") -> None:
         super().__init__(key)
         self.layers = [int(x) for x in dirs.layers]
         self.drift = drift
+        self.anchor = anchor
         self.directions = np.ascontiguousarray(dirs.directions)
         self.v = torch.from_numpy(self.directions).to(device)  # [c, L, d]
         self.slot = {layer: k for k, layer in enumerate(self.layers)}
 
     def settings(self) -> dict[str, Any]:
-        return {"drift": self.drift, "directions": digest(self.directions)}
+        return {"drift": self.drift, "anchor": self.anchor, "directions": digest(self.directions)}
 
     def begin(self, n: int) -> None:
         c, n_layers = self.directions.shape[0], len(self.layers)
@@ -126,7 +229,7 @@ class DriftProjection(Feature):
 
     def on_layer(self, ctx, layer: int, acts: torch.Tensor) -> None:
         k = self.slot[layer]
-        dr = drift_of(acts, ctx.batch, self.drift)  # [b, d]
+        dr = drift_of(acts, ctx.batch, self.drift, self.anchor)  # [b, d]
         self.proj[ctx.indices, :, k] = (dr @ self.v[:, k].T).double().cpu().numpy()
         self.norms[ctx.indices, k] = dr.norm(dim=-1).double().cpu().numpy()
 
@@ -135,7 +238,7 @@ class DriftProjection(Feature):
 
 
 class Nait(ForwardScorer):
-    """NAIT (ICLR 2026, arXiv 2603.13201); see the module docstring for the differences."""
+    """NAIT (ICLR 2026, arXiv 2603.13201); see the module docstring for the presets and differences."""
 
     name = "nait"
     config_cls = NaitConfig
@@ -144,8 +247,8 @@ class Nait(ForwardScorer):
 
     def artefact_settings(self, loaded: Any, layers: list[int]) -> dict[str, Any]:
         c = self.config
-        return {"model": loaded.identity, "site": c.site, "layers": layers, "drift": c.drift,
-                "capabilities": c.capabilities, "render": to_dict(c.render)}
+        return {"model": loaded.identity, "site": c.site, "layers": layers, "drift": c.drift, "anchor": c.anchor,
+                "layer_select": c.selection_key(), "capabilities": c.capabilities, "render": to_dict(c.render)}
 
     def check_inputs(self, pool: Pool, target: Pool | None, loaded: Any) -> None:
         if self.config.directions and target is None:  # a saved artefact stands in for the target
@@ -160,7 +263,7 @@ class Nait(ForwardScorer):
 
         def on_layer(ctx, layer: int, acts: torch.Tensor) -> None:
             nonlocal out
-            dr = drift_of(acts, ctx.batch, self.config.drift)
+            dr = drift_of(acts, ctx.batch, self.config.drift, self.config.anchor)
             if out is None:
                 out = np.zeros((len(rendered), len(layers), dr.shape[-1]), dtype=np.float32)
             out[ctx.indices, slot[layer]] = dr.cpu().numpy()
@@ -169,8 +272,11 @@ class Nait(ForwardScorer):
                    on_layer, progress, desc)
         return out
 
-    def directions_for(self, loaded: Any, target: Pool | None, layers: list[int], progress: bool
-                       ) -> CapabilityDirections:
+    def directions_for(self, loaded: Any, target: Pool | None, layers: list[int], progress: bool,
+                       pool: Pool | None = None, seed: int = 0) -> CapabilityDirections:
+        """The directions (loaded, or fitted on the target set at `layers`); with layer_select=auc and
+        a `pool`, restricted to the layers the capabilities keep (`choose_by_auc`); without a pool,
+        every layer."""
         expected = self.artefact_settings(loaded, layers)
         if self.config.directions:
             if target is not None:
@@ -184,30 +290,76 @@ class Nait(ForwardScorer):
         all_drifts = self.drifts(loaded, target.examples, layers, progress, "nait: target")
         dirs = fit_directions({name: all_drifts[idx] for name, idx in groups.items()}, layers,
                               {**expected, "target": target.fingerprint()})
+        if self.config.layer_select == "auc" and pool is not None:
+            dirs = self.choose_by_auc(loaded, pool, target, groups, all_drifts, dirs, seed, progress)
         if self.config.save_directions:
             dirs.save(self.config.save_directions)
         return dirs
+
+    def choose_by_auc(self, loaded: Any, pool: Pool, target: Pool, groups: dict[str, list[int]],
+                      drifts: np.ndarray, dirs: CapabilityDirections, seed: int, progress: bool
+                      ) -> CapabilityDirections:
+        """`dirs` (fitted on the whole target at every candidate layer) restricted to the layers the
+        capabilities keep. Per capability, the target is split by a seeded hash of the ids: the
+        first max(2, ceil(m/2)) fit directions, the rest are held out; each layer's term (the chosen
+        similarity; z-normalisation is monotone per layer and leaves the AUC as it is) is scored by
+        the ROC AUC of the held-out examples against a seeded sample of `layer_pool` pool examples.
+        A capability with fewer than 3 target examples cannot be split and keeps every layer."""
+        cfg = self.config
+        layers = list(dirs.layers)
+        rank = hashed_uniform([ex.id for ex in target.examples], seed)
+        fit, held = {}, {}
+        for name, idx in groups.items():
+            order = sorted(idx, key=lambda i: (rank[i], i))
+            n_fit = max(2, (len(order) + 1) // 2)
+            fit[name], held[name] = order[:n_fit], order[n_fit:]
+        fit_dirs = fit_directions({name: drifts[fit[name]] for name in groups}, layers)
+        draw = hashed_uniform([ex.id for ex in pool.examples], seed + 1)
+        sample = sorted(range(len(pool.examples)), key=lambda i: (draw[i], i))[:cfg.layer_pool]
+        proj, norms = self.project(loaded, replace(pool, examples=[pool.examples[i] for i in sample]), fit_dirs,
+                                   progress, desc="nait: layer choice")
+        pool_terms = layer_terms(proj, norms, fit_dirs, cfg.similarity, "none")  # [s, c, L]
+        aucs = np.full((len(groups), len(layers)), np.nan)
+        for c, name in enumerate(groups):
+            if held[name]:
+                held_terms = drift_terms(drifts[held[name]], fit_dirs.directions[c], cfg.similarity)
+                aucs[c] = layer_aucs(held_terms, pool_terms[:, c])
+        mask = choose_layers(aucs, cfg.layer_top)
+        mask[[not held[name] for name in groups]] = 1.0  # too small to split: every layer
+        keep = [k for k in range(len(layers)) if mask[:, k].any()]
+        out = dirs.subset(keep, mask[:, keep])
+        out.settings["layer_auc"] = {name: [None if np.isnan(a) else round(float(a), 4) for a in aucs[c]]
+                                     for c, name in enumerate(groups)}
+        out.settings["candidate_layers"] = layers
+        out.settings["layer_auc_sizes"] = {name: {"fit": len(fit[name]), "held_out": len(held[name]),
+                                                  "pool": len(sample)} for name in groups}
+        return out
 
     def prepare(self, pool: Pool, *, target: Pool | None = None, loaded: Any = None, seed: int = 0,
                 progress: bool = True) -> ShardState:
         """The capability directions (fitted on the target set, or loaded), as arrays."""
         layers = hook_points(loaded.model).normalize_layers(self.config.layers)
         t0 = time.perf_counter()
-        dirs = self.directions_for(loaded, target, layers, progress)
-        return {"names": list(dirs.names), "layers": [int(x) for x in layers], "dir_layers": [int(x) for x in dirs.layers],
+        dirs = self.directions_for(loaded, target, layers, progress, pool=pool, seed=seed)
+        return {"names": list(dirs.names), "layers": [int(x) for x in dirs.layers],
+                "candidate_layers": [int(x) for x in layers], "dir_layers": [int(x) for x in dirs.layers],
                 "directions": dirs.directions, "explained": dirs.explained, "proj_mean": dirs.proj_mean,
                 "proj_std": dirs.proj_std, "cos_mean": dirs.cos_mean, "cos_std": dirs.cos_std,
+                "layer_mask": dirs.mask(), "layer_auc": dirs.settings.get("layer_auc"),
+                "layer_auc_sizes": dirs.settings.get("layer_auc_sizes"),
                 "timings": {"directions": time.perf_counter() - t0}}
 
     @staticmethod
     def directions_of(state: ShardState) -> CapabilityDirections:
         return CapabilityDirections(state["names"], state["dir_layers"], state["directions"], state["explained"],
-                                    state["proj_mean"], state["proj_std"], state["cos_mean"], state["cos_std"])
+                                    state["proj_mean"], state["proj_std"], state["cos_mean"], state["cos_std"],
+                                    layer_mask=state.get("layer_mask"))
 
     def features(self, state: ShardState, loaded: Any) -> dict[str, Any]:
         device = next(loaded.model.parameters()).device
         key = pass_key(self.config, site=self.config.site)
-        return {"drift": DriftProjection(key, self.config.drift, self.directions_of(state), device)}
+        return {"drift": DriftProjection(key, self.config.drift, self.directions_of(state), device,
+                                         anchor=self.config.anchor)}
 
     def from_features(self, shard: Pool, state: ShardState, arrays: dict, seconds: float,
                       loaded: Any = None) -> ScoreResult:
@@ -238,16 +390,27 @@ class Nait(ForwardScorer):
                                    "top_decile_mean": np.round(terms[top, c].mean(0), 6).tolist()}
                             for c, name in enumerate(dirs.names)},
             "directions": cfg.directions or cfg.save_directions or None,
+            "preset": cfg.preset,
+            "anchor": cfg.anchor,
+            "layer_select": cfg.selection_key(),
+            "kept_layers": {name: [int(layer) for layer, m in zip(dirs.layers, dirs.mask()[c]) if m > 0]
+                            for c, name in enumerate(dirs.names)},
         }
+        if state.get("layer_auc"):
+            candidates = state.get("candidate_layers") or state["layers"]
+            explanations["layer_auc"] = {name: dict(zip(map(str, candidates), aucs))
+                                         for name, aucs in state["layer_auc"].items()}
+            explanations["layer_auc_sizes"] = state.get("layer_auc_sizes")
         timings = {"directions": state["timings"]["directions"],
                    "forward_pool": sum(p.timings["forward_pool"] for p in parts)}
         return ScoreResult(per.max(axis=1), explanations, timings,
                            per_target=per if len(dirs.names) > 1 else None, target_names=dirs.names)
 
-    def project(self, loaded: Any, pool: Pool, dirs: CapabilityDirections, progress: bool = True
-                ) -> tuple[np.ndarray, np.ndarray]:
+    def project(self, loaded: Any, pool: Pool, dirs: CapabilityDirections, progress: bool = True,
+                desc: str = "nait: pool") -> tuple[np.ndarray, np.ndarray]:
         """One pass over the pool: drift projections [n, c, L] on the directions, drift norms [n, L]."""
         device = next(loaded.model.parameters()).device
-        feat = DriftProjection(pass_key(self.config, site=self.config.site), self.config.drift, dirs, device)
-        arrays, _ = feature_pass(loaded, pool.examples, {"drift": feat}, progress=progress, desc="nait: pool")
+        feat = DriftProjection(pass_key(self.config, site=self.config.site), self.config.drift, dirs, device,
+                               anchor=self.config.anchor)
+        arrays, _ = feature_pass(loaded, pool.examples, {"drift": feat}, progress=progress, desc=desc)
         return arrays["drift"]["proj"], arrays["drift"]["norms"]

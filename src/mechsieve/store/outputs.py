@@ -12,8 +12,8 @@ Before it reads any data, a command checks its folder (`OutputFolder(...)`):
 - this command's marker of a finished run: used by commands that resume or reuse their own
   output (capture, sae train, experiment, demo), else refused unless `--overwrite`.
 
-Just before its first write the command calls `claim(entries)`, which writes the marker; at the
-end `finish()` records what it wrote. Files beside the marked entries (a user's notes) are never
+Just before its first write the command calls `claim(entries)`, which writes the marker (and,
+under the CLI, starts log.txt: store/runlog.py); at the end `finish()` records what it wrote. Files beside the marked entries (a user's notes) are never
 touched: `--overwrite` lets the run write over the marked entries, and nothing is deleted.
 """
 
@@ -72,6 +72,7 @@ class OutputFolder:
                  flag: str = "--out") -> None:
         self.path = Path(path)
         self.command = command
+        self.overwrite = overwrite
         self.previous: dict[str, Any] | None = None
         self._foreign: set[str] = set()
         where = f"{flag} {self.path}"
@@ -114,7 +115,15 @@ class OutputFolder:
             raise OutputFolderError(
                 f"{self.path} holds {_shown(self.path, clash)}, which this command writes but its earlier run "
                 "did not; move it away or pick an empty or new folder")
-        self._write(sorted(self.previous_files | entries), complete=False)
+        from mechsieve.store import runlog
+
+        # under the CLI, what the command prints goes to log.txt here from now on (a rerun that
+        # continues the folder appends to it; a user's own log.txt is left alone)
+        keep_log = runlog.waiting() and runlog.LOG_FILE not in self._foreign
+        self._write(sorted(self.previous_files | entries | ({runlog.LOG_FILE} if keep_log else set())),
+                    complete=False)
+        if keep_log:
+            runlog.attach(self.path, append=self.previous is not None and not self.overwrite)
         return self.path
 
     def finish(self) -> None:

@@ -12,8 +12,10 @@ loss and is masked.
 Here the reference is the base model with a LoRA fitted on the in-domain set (`fit_reference`,
 on a deep copy: the user's base model is never touched), a folder the user gives (a model, or a
 PEFT LoRA adapter over the base: `load_reference`), or any loaded model passed in. Scoring is two
-batched passes (base, then reference) through `capture.forward.run_forward`; only one batch's
-logits [b, t, V] exist at a time. Special tokens (the end-of-turn marker) are never masked. The
+batched passes (base, then reference), each a `TokenNll` feature (capture.token_features) of
+`capture.shared.feature_pass`, so a FeatureCache keeps them (the reference under an identity of its
+own) and the base term can share the pool pass of other methods (tokens.shared.score_and_mask);
+only one batch's logits [b, t, V] exist at a time. Special tokens (the end-of-turn marker) are never masked. The
 ranking of `keep_top` is over the pool, not per example (as TokenCleaning): masked tokens are the
 floor((1 - keep) * n) lowest of the pool's n eligible scored tokens, ties masked in pool order
 (earlier example, then earlier position, first).
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,9 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from mechsieve.config import ConfigError, check_choice, check_positive
-from mechsieve.data.render import RenderConfig, Rendered, pad_id
+from mechsieve.data.render import RenderConfig, Rendered
 from mechsieve.models.loading import LoadedModel
-from mechsieve.tokens.base import EL, TokenMasker, TokenMasks, TokenScores, register_masker
+from mechsieve.tokens.base import EL, TokenMasks, TokenScores, register_masker
+from mechsieve.tokens.shared import ForwardMasker
 from mechsieve.tokens.xtf import eligible_tokens
 from mechsieve.train.config import TrainConfig
 
@@ -147,8 +149,16 @@ def _module(model: Any) -> Any:
     return model.model if isinstance(model, LoadedModel) else model
 
 
+def weights_digest(module: Any) -> str:
+    """A short content hash of a model's LoRA weights (of all its weights when it has none)."""
+    from mechsieve.capture.shared import digest
+
+    params = [(n, p) for n, p in module.named_parameters() if "lora_" in n] or list(module.named_parameters())
+    return digest(*[p.detach().float().cpu().numpy() for _, p in sorted(params, key=lambda x: x[0])])
+
+
 @register_masker("excess-loss")
-class ExcessLoss(TokenMasker):
+class ExcessLoss(ForwardMasker):
     """Excess-loss token masking (see the module docstring for the papers and the choices).
 
     `reference`: an already loaded reference model (a LoadedModel, or a causal LM module taking
@@ -206,49 +216,52 @@ class ExcessLoss(TokenMasker):
         self.reference_info = {"source": kind, "folder": str(folder)}
         return ref
 
-    # -- scoring (model) ---------------------------------------------------------------------
-    def score(self, model: Any, tokenizer: Any, rendered: Sequence[Rendered], progress: bool = True) -> TokenScores:
+    # -- scoring (model): one TokenNll feature per model ---------------------------------------
+    def reference_loaded(self, loaded: LoadedModel, identify: bool = False) -> LoadedModel:
+        """The reference as a LoadedModel with the base's tokenizer. `identify`: give it an identity
+        of its own for the feature cache: a loaded model's own identity when it differs from the
+        base's, else the base's plus a digest of the reference's weights (its LoRA weights when it
+        has some; a fitted or adapter-loaded reference is a copy of the base with the base's identity)."""
         if self.reference is None:
             raise ConfigError("excess-loss has no reference model: call fit_reference(loaded, in_domain_examples) "
                               "or set excess_loss.reference to a model / adapter folder and call load_reference")
-        start = time.perf_counter()
-        eligible = eligible_tokens(rendered, getattr(tokenizer, "all_special_ids", []) or [])
-        base, base_stats, v_base = self._losses(_module(model), tokenizer, rendered, progress, "excess-loss base")
-        ref, ref_stats, v_ref = self._losses(_module(self.reference), tokenizer, rendered, progress,
-                                             "excess-loss reference")
+        module = _module(self.reference)
+        identity: dict[str, Any] = {}
+        if identify:
+            own = self.reference.identity if isinstance(self.reference, LoadedModel) else None
+            identity = dict(own) if own and own != loaded.identity else {**loaded.identity,
+                                                                          "reference": weights_digest(module)}
+        return LoadedModel(module, loaded.tokenizer, identity, loaded.config)
+
+    def feature_passes(self, loaded: LoadedModel, key: Any = None, *, cache: Any = None,
+                       progress: bool = True) -> list[Any]:
+        """`base`: the base model's TokenNll (capture.token_features), `reference`: the reference
+        model's, with the same pass key (`key`, or this masker's batching settings)."""
+        from mechsieve.capture.token_features import TokenNll
+        from mechsieve.tokens.shared import ModelFeatures, rendered_key
+
+        ref = self.reference_loaded(loaded, identify=cache is not None)
+        key = key or rendered_key(self.cfg.max_tokens, self.cfg.max_batch)
+        return [ModelFeatures(loaded, {"base": TokenNll(key)}), ModelFeatures(ref, {"reference": TokenNll(key)})]
+
+    def from_features(self, loaded: LoadedModel, rendered: Sequence[Rendered], arrays: dict[str, dict[str, np.ndarray]],
+                      reports: list[Any]) -> TokenScores:
+        """Per-token base and reference NLL on the response (NaN elsewhere and at position 0) and
+        their difference `el` = base - reference."""
+        from mechsieve.capture.token_features import split
+        from mechsieve.tokens.shared import pass_summary
+
+        eligible = eligible_tokens(rendered, getattr(loaded.tokenizer, "all_special_ids", []) or [])
+        v_base, v_ref = int(arrays["base"]["vocab"][0]), int(arrays["reference"]["vocab"][0])
         if v_base != v_ref and rendered:
             raise ConfigError(f"the reference model's vocabulary ({v_ref}) differs from the base's ({v_base}); "
                               "excess loss needs the same tokenizer and output head size (excess_loss.reference)")
+        base, ref = ([np.where(r.response_mask, nll, np.nan).astype(np.float32)
+                      for r, nll in zip(rendered, split(arrays[name]))] for name in ("base", "reference"))
         excess = [b - r for b, r in zip(base, ref)]
-        forward = {name: {"tokens": s.real_tokens, "seconds": round(s.seconds, 2), "batches": s.batches}
-                   for name, s in (("base", base_stats), ("reference", ref_stats))}
-        info = {"reference": self.reference_info, "forward": forward,
-                "seconds": round(time.perf_counter() - start, 2)}
+        forward = {name: pass_summary([report]) for name, report in zip(("base", "reference"), reports)}
+        info = {"reference": self.reference_info, "forward": forward}
         return TokenScores({"el": excess, "loss_base": base, "loss_ref": ref}, eligible, info)
-
-    def _losses(self, model: Any, tokenizer: Any, rendered: Sequence[Rendered], progress: bool, desc: str):
-        """Per-token NLL float32 [t_i] per example (NaN off the response and at position 0),
-        the pass's ForwardStats and the vocabulary size of its logits."""
-        from mechsieve.capture.batching import plan_batches
-        from mechsieve.capture.forward import ForwardSpec, run_forward
-
-        out = [np.full(len(r), np.nan, dtype=np.float32) for r in rendered]
-        acc: dict[str, Any] = {}
-
-        def on_logits(ctx, logits):
-            acc["vocab"] = int(logits.shape[-1])
-            acc["nll"] = token_nll(logits, ctx.batch.input_ids, ctx.batch.attention_mask.bool()).cpu().numpy()
-
-        def on_batch_end(number, ctx):
-            nll, b = acc.pop("nll"), ctx.batch
-            for row, i in enumerate(ctx.indices):
-                lo, length = int(b.offsets[row]), int(b.lengths[row])
-                out[i] = np.where(rendered[i].response_mask, nll[row, lo:lo + length], np.nan).astype(np.float32)
-
-        plan = plan_batches([len(r) for r in rendered], self.cfg.max_tokens, self.cfg.max_batch)
-        stats = run_forward(model, rendered, plan, ForwardSpec(need_logits=True), pad_id(tokenizer),
-                            on_logits=on_logits, on_batch_end=on_batch_end, progress=progress, desc=desc)
-        return out, stats, acc.get("vocab")
 
     # -- deciding (pure) ---------------------------------------------------------------------
     def decide(self, scores: TokenScores) -> TokenMasks:

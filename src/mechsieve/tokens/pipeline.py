@@ -50,20 +50,29 @@ class MaskRun:
 
 
 def mask_examples(loaded: Any, examples: Sequence[Example], cfg: XtfConfig, render_cfg: RenderConfig,
-                  words: list[str] | None = None, progress: bool = True, target: Sequence[Example] | None = None
-                  ) -> MaskRun:
+                  words: list[str] | None = None, progress: bool = True, target: Sequence[Example] | None = None,
+                  cache: Any = None) -> MaskRun:
     """Render `examples`, score their tokens with XTF and decide the masks (`target`: in-domain
-    examples for contextual TR)."""
+    examples for contextual TR; `cache`: a store.features.FeatureCache for the per-token features)."""
     return run_masker(Xtf(cfg, words=words, target=target, render_cfg=render_cfg), loaded, examples, render_cfg,
-                      progress)
+                      progress, cache=cache)
 
 
 def run_masker(masker: Any, loaded: Any, examples: Sequence[Example], render_cfg: RenderConfig,
-               progress: bool = True) -> MaskRun:
-    """Render `examples`, score their tokens with `masker` (a TokenMasker) and decide the masks."""
+               progress: bool = True, cache: Any = None) -> MaskRun:
+    """Render `examples`, score their tokens with `masker` (a TokenMasker) and decide the masks.
+    `cache`: a store.features.FeatureCache; a masker whose scores are features of the shared pass
+    (tokens.shared.ForwardMasker) reads them from it and writes what it computes (keyed by the
+    model's identity and the rendered tokens), so a rerun with other decision settings runs no pass."""
+    from mechsieve.tokens.shared import ForwardMasker
+
     start = time.perf_counter()
     rendered, stats = render_pool(examples, loaded.tokenizer, render_cfg)
-    scores, masks = masker.mask(loaded.model, loaded.tokenizer, rendered, progress=progress)
+    if cache is not None and isinstance(masker, ForwardMasker):
+        scores = masker.score(loaded, loaded.tokenizer, rendered, progress=progress, cache=cache)
+        masks = masker.decide(scores)
+    else:
+        scores, masks = masker.mask(loaded.model, loaded.tokenizer, rendered, progress=progress)
     return MaskRun([ex.id for ex in examples], rendered, scores, masks, stats.summary(),
                    round(time.perf_counter() - start, 2))
 
@@ -74,12 +83,14 @@ def mask_examples_sharded(model: Any, examples: Sequence[Example], cfg: XtfConfi
     """`mask_examples` with the token scores computed shard by shard by the engine (resumable;
     on Ray actors with engine.executor=ray), the masks decided here over the whole pool.
     `model` is a LoadedModel, or its ModelConfig when Ray actors load it themselves."""
+    from mechsieve.data.stream import full_examples
     from mechsieve.engine import token_scores_sharded
 
     start = time.perf_counter()
     masker = Xtf(cfg, words=words, target=target, render_cfg=render_cfg)  # refuses unusable settings first
-    rendered, stats = render_pool(examples, tokenizer, render_cfg)
-    scores = token_scores_sharded(model, list(examples), cfg, words, render_cfg, folder, engine, progress,
+    # a streamed pool's examples are read again one at a time here; the shards read their own
+    rendered, stats = render_pool(full_examples(examples), tokenizer, render_cfg)
+    scores = token_scores_sharded(model, examples, cfg, words, render_cfg, folder, engine, progress,
                                   target=target)
     if [len(e) for e in scores.eligible] != [len(r) for r in rendered]:
         raise RuntimeError("the shards' token scores do not line up with the examples rendered here; "

@@ -51,15 +51,19 @@ unmasked one):
 - Scores are averaged over each sentence or line (`smooth_spans`): noise comes in spans.
 - KN is left out of the robust union: masking tokens the model already knows removes the easy
   tokens, not inserted noise (it stays available, with the paper's rule).
-Everything takes one hooked forward pass per batch (attention, the contextual layer, logits for
-KN) plus, for context-free TR, one pass over the distinct token ids (cached).
+The per-token scores are features of the shared feature pass (capture.token_features: RI
+`ReceivedAttention`, KN `TokenNll` with p = exp(-nll), contextual TR `ContextualRelevance`; the
+in-domain states a `TokenStates` of the target's own pass, taken in target order), so they can be
+cached (`score(..., cache=)`) and computed in one pass with other methods (tokens.shared.
+score_and_mask). Alone, XTF reads them in one hooked pass per batch (eager attention when RI is
+asked) plus, for context-free TR, one pass over the distinct token ids (cached in memory); numeric
+protection and span smoothing are applied to the features afterwards.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any, Literal
 
@@ -67,16 +71,14 @@ import numpy as np
 import torch
 
 from mechsieve.config import ConfigError, check_choice
-from mechsieve.data.render import Rendered, pad_id
+from mechsieve.data.render import Rendered
 from mechsieve.tokens.attributes import (
     above_threshold,
     cosine_to,
     in_clusters,
     iqr_low_outliers,
-    received_attention,
-    token_probabilities,
 )
-from mechsieve.tokens.base import REASON_BITS, TokenMasker, TokenMasks, TokenScores, register_masker
+from mechsieve.tokens.base import REASON_BITS, TokenMasks, TokenScores, register_masker
 from mechsieve.tokens.otsu import multi_otsu
 from mechsieve.tokens.robust import (
     below_cut,
@@ -86,10 +88,10 @@ from mechsieve.tokens.robust import (
     mixture_cut,
     numeric_tokens,
     pool_values,
-    relative_received_attention,
     smooth_over_spans,
     span_ids,
 )
+from mechsieve.tokens.shared import ForwardMasker, ModelFeatures, pass_summary, rendered_key
 
 DOMAINS = ("math", "code", "medicine")
 ATTRIBUTES = ("ri", "kn", "tr")
@@ -249,7 +251,7 @@ def middle_layers(n_layers: int) -> list[int]:
 
 
 @register_masker("xtf")
-class Xtf(TokenMasker):
+class Xtf(ForwardMasker):
     """XTF token masking (see the module docstring for the paper, the presets and the differences).
 
     `target`: in-domain examples (Example records) whose response tokens define the domain of
@@ -273,27 +275,61 @@ class Xtf(TokenMasker):
         self._target_states: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._pieces: dict[int, str] = {}
 
-    # -- scoring (model) ---------------------------------------------------------------------
-    def score(self, model: Any, tokenizer: Any, rendered: Sequence[Rendered], progress: bool = True) -> TokenScores:
+    # -- scoring (model): features of the pool's pass, then post-processing ------------------
+    def feature_passes(self, loaded: Any, key: Any = None, *, cache: Any = None,
+                       progress: bool = True) -> list[ModelFeatures]:
+        """RI (`ri`, capture.token_features.ReceivedAttention), KN (`kn`, TokenNll: p = exp(-nll))
+        and contextual TR (`tr`, ContextualRelevance) as cfg asks. Alone (`key` None) they share
+        one eager pass as XTF always had; in a shared pass (`key` given) RI alone goes to an eager
+        pass of its own (site=attention) and KN / TR ride with the other methods' features."""
+        from mechsieve.capture.token_features import (
+            ContextualRelevance,
+            ReceivedAttention,
+            TokenNll,
+        )
+        from mechsieve.models.hooks import hook_points
+
         cfg = self.cfg
-        start = time.perf_counter()
+        alone = key is None
+        if alone:  # the examples come rendered
+            key = rendered_key(cfg.max_tokens, cfg.max_batch)
+        eager = replace(key, site="attention")
+        with_ri = "ri" in cfg.attributes
+        own = eager if alone and with_ri else key
+        n_layers = hook_points(loaded.model).n_layers
+        feats: dict[str, Any] = {}
+        if with_ri:
+            ri_layers = {"all": list(range(n_layers)), "last": [n_layers - 1], "middle": middle_layers(n_layers)}
+            feats["ri"] = ReceivedAttention(eager, ri_layers[cfg.ri_layers], cfg.ri_baseline)
+        if "kn" in cfg.attributes:
+            feats["kn"] = TokenNll(own)
+        if self.contextual:
+            centre, unit = self._target_token_states(loaded, cache=cache, progress=progress)
+            feats["tr"] = ContextualRelevance(own, self._tr_layer(loaded.model), centre, unit, cfg.tr_top_k)
+        return [ModelFeatures(loaded, feats)]
+
+    def from_features(self, loaded: Any, rendered: Sequence[Rendered], arrays: dict[str, dict[str, np.ndarray]],
+                      reports: list[Any]) -> TokenScores:
+        """TokenScores from the pass's features, then context-free TR, numeric protection and span
+        smoothing (the model runs only for context-free embeddings)."""
+        from mechsieve.capture.token_features import split
+
+        cfg, tokenizer = self.cfg, loaded.tokenizer
         eligible = eligible_tokens(rendered, getattr(tokenizer, "all_special_ids", []) or [])
         scores: dict[str, list[np.ndarray]] = {}
         info: dict[str, Any] = {"preset": cfg.preset}
-        if "ri" in cfg.attributes or "kn" in cfg.attributes or self.contextual:
-            ri, kn, tr, stats = self._forward_scores(model, tokenizer, rendered, eligible, progress)
-            if "ri" in cfg.attributes:
-                scores["ri"] = ri
-            if "kn" in cfg.attributes:
-                scores["kn"] = kn
-            if self.contextual:
-                scores["tr"] = tr
-                info["tr"] = {"embedding": "contextual", "layer": self._tr_layer(model),
-                              "target_tokens": int(self._target_states[2].shape[0])}
-            info["forward"] = {"tokens": stats.real_tokens, "seconds": round(stats.seconds, 2),
-                               "batches": stats.batches}
+        if "ri" in arrays:
+            scores["ri"] = split(arrays["ri"])
+        if "kn" in arrays:  # torch's exp of the log-probability: token_probabilities' value, bit for bit
+            scores["kn"] = [torch.from_numpy(-nll).exp().numpy() for nll in split(arrays["kn"])]
+        if "tr" in arrays:
+            scores["tr"] = [np.where(e, rel, np.nan).astype(np.float32) for e, rel in zip(eligible, split(arrays["tr"]))]
+            info["tr"] = {"embedding": "contextual", "layer": self._tr_layer(loaded.model),
+                          "target_tokens": int(self._target_states[2].shape[0])}
+        if arrays:
+            info["forward"] = pass_summary(reports)
         if "tr" in cfg.attributes and not self.contextual:
-            scores["tr"], info["tr"] = self._relevance(model, tokenizer, rendered, eligible)
+            scores["tr"], info["tr"] = self._relevance(loaded.model, tokenizer, rendered, eligible)
         if cfg.tr_protect_numeric and "tr" in scores:
             for k, r in enumerate(rendered):
                 scores["tr"][k][numeric_tokens(self._token_pieces(tokenizer, r.input_ids))] = np.nan
@@ -303,7 +339,6 @@ class Xtf(TokenMasker):
                     if name in scores:
                         spans = span_ids(self._token_pieces(tokenizer, r.input_ids))
                         scores[name][k] = smooth_over_spans(scores[name][k], eligible[k], spans)
-        info["seconds"] = round(time.perf_counter() - start, 2)
         return TokenScores(scores, eligible, info)
 
     def _token_pieces(self, tokenizer: Any, ids: np.ndarray) -> list[str]:
@@ -318,98 +353,32 @@ class Xtf(TokenMasker):
         hp = hook_points(model)
         return hp.normalize_layers([self.cfg.tr_layer if self.cfg.tr_layer is not None else hp.n_layers // 2])[0]
 
-    def _target_token_states(self, model: Any, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """(centre [d], unit centred in-domain token states [m, d]) at tr_layer, cached per model."""
-        from mechsieve.capture.batching import plan_batches
-        from mechsieve.capture.forward import ForwardSpec, run_forward
-        from mechsieve.data.render import RenderConfig, render_pool
+    def _target_token_states(self, loaded: Any, cache: Any = None, progress: bool = False
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(centre [d], unit centred in-domain token states [m, d]) at tr_layer, on the model's
+        device; from a TokenStates feature of the target's own pass (cached per model, and in
+        `cache`). The states are taken in target order."""
+        from mechsieve.capture.shared import PassKey, feature_pass, render_inputs
+        from mechsieve.capture.token_features import TokenStates
+        from mechsieve.data.render import RenderConfig
 
+        model = loaded.model
         if self._target_states is not None and self._target_states[0] == id(model):
             return self._target_states[1], self._target_states[2]  # (centre, unit)
-        rendered, _ = render_pool(self.target, tokenizer, self.render_cfg or RenderConfig())
-        elig = eligible_tokens(rendered, getattr(tokenizer, "all_special_ids", []) or [])
-        layer = self._tr_layer(model)
-        parts: list[torch.Tensor] = []
-
-        def on_layer(ctx, _layer, acts):
-            b = ctx.batch
-            for row, i in enumerate(ctx.indices):
-                lo, length = int(b.offsets[row]), int(b.lengths[row])
-                parts.append(acts[row, lo:lo + length][torch.from_numpy(elig[i]).to(acts.device)].float())
-
-        plan = plan_batches([len(r) for r in rendered], self.cfg.max_tokens, self.cfg.max_batch)
-        run_forward(model, rendered, plan, ForwardSpec(layers=[layer]), pad_id(tokenizer), on_layer=on_layer,
-                    progress=False)
-        states = torch.cat(parts) if parts else torch.zeros(0, 1)
-        if states.shape[0] == 0:
+        key = PassKey(self.render_cfg or RenderConfig(), self.cfg.max_tokens, self.cfg.max_batch)
+        got, _ = feature_pass(loaded, self.target, {"states": TokenStates(key, self._tr_layer(model))}, cache=cache,
+                              progress=False, desc="xtf: target")
+        rendered = render_inputs(self.target, loaded.tokenizer, key)
+        elig = eligible_tokens(rendered, getattr(loaded.tokenizer, "all_special_ids", []) or [])
+        values = got["states"]["values"]
+        keep = np.concatenate(elig) if elig else np.zeros(0, dtype=bool)
+        if values.ndim != 2 or not keep.any():
             raise ConfigError("xtf: the in-domain (target) set has no response token to define the domain")
+        states = torch.from_numpy(values[keep]).to(next(model.parameters()).device)
         centre = states.mean(0) if self.cfg.tr_centre else torch.zeros(states.shape[1], device=states.device)
         unit = torch.nn.functional.normalize(states - centre, dim=-1)
         self._target_states = (id(model), centre, unit)
         return centre, unit
-
-    def _forward_scores(self, model: Any, tokenizer: Any, rendered: Sequence[Rendered],
-                        eligible: list[np.ndarray], progress: bool):
-        from mechsieve.capture.batching import plan_batches
-        from mechsieve.capture.forward import ForwardSpec, run_forward
-        from mechsieve.models.hooks import hook_points
-
-        cfg = self.cfg
-        n_layers = hook_points(model).n_layers
-        want_ri, want_kn = "ri" in cfg.attributes, "kn" in cfg.attributes
-        ri_layers = {"all": list(range(n_layers)), "last": [n_layers - 1], "middle": middle_layers(n_layers)}
-        layers = ri_layers[cfg.ri_layers] if want_ri else []
-        tr_layers = [self._tr_layer(model)] if self.contextual else []
-        if self.contextual:
-            centre, unit = self._target_token_states(model, tokenizer)
-            k = min(cfg.tr_top_k, unit.shape[0])
-        ri = [np.full(len(r), np.nan, dtype=np.float32) for r in rendered]
-        kn = [np.full(len(r), np.nan, dtype=np.float32) for r in rendered]
-        tr = [np.full(len(r), np.nan, dtype=np.float32) for r in rendered]
-        acc: dict[str, torch.Tensor] = {}
-
-        def on_attention(ctx, layer, probs):
-            valid = ctx.batch.attention_mask.bool()
-            if cfg.ri_baseline == "uniform":
-                total, n_later = relative_received_attention(probs, valid, ctx.batch.offsets)
-            else:
-                total, n_later = received_attention(probs, valid)
-            acc["total"] = acc["total"] + total if "total" in acc else total
-            acc["n_later"] = n_later
-
-        def on_layer(ctx, layer, acts):
-            h = torch.nn.functional.normalize(acts.float() - centre, dim=-1)  # [b, t, d]
-            sims = h @ unit.T  # [b, t, m]
-            acc["tr"] = sims.topk(k, dim=-1).values.mean(-1)
-
-        def on_logits(ctx, logits):
-            acc["kn"] = token_probabilities(logits, ctx.batch.input_ids, ctx.batch.attention_mask.bool())
-
-        def on_batch_end(number, ctx):
-            b = ctx.batch
-            if want_ri:
-                n = acc["n_later"].float()
-                value = (acc.pop("total") / len(layers)) / n.clamp_min(1.0)
-                value = torch.where(n > 0, value, torch.full_like(value, float("nan"))).cpu().numpy()
-            if want_kn:
-                prob = acc.pop("kn").cpu().numpy()
-            if self.contextual:
-                rel = acc.pop("tr").cpu().numpy()
-            for row, i in enumerate(ctx.indices):
-                lo, length = int(b.offsets[row]), int(b.lengths[row])
-                if want_ri:
-                    ri[i] = value[row, lo:lo + length].astype(np.float32)
-                if want_kn:
-                    kn[i] = prob[row, lo:lo + length].astype(np.float32)
-                if self.contextual:
-                    tr[i] = np.where(eligible[i], rel[row, lo:lo + length], np.nan).astype(np.float32)
-
-        plan = plan_batches([len(r) for r in rendered], cfg.max_tokens, cfg.max_batch)
-        spec = ForwardSpec(layers=tr_layers, attention_layers=layers, need_logits=want_kn)
-        stats = run_forward(model, rendered, plan, spec, pad_id(tokenizer), on_layer=on_layer if tr_layers else None,
-                            on_attention=on_attention, on_logits=on_logits, on_batch_end=on_batch_end,
-                            progress=progress, desc="xtf")
-        return ri, kn, tr, stats
 
     def _relevance(self, model: Any, tokenizer: Any, rendered: Sequence[Rendered], eligible: list[np.ndarray]):
         if self._cache_owner != id(model):

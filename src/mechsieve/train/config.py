@@ -46,6 +46,27 @@ class TrainConfig:
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
     """Clip the gradient norm to this (0 = no clipping)."""
+    save_steps: int = 0
+    """Every this many optimizer steps, write a checkpoint to OUT/checkpoint-STEP (the adapter as
+    peft saves it, the optimizer, scheduler and RNG states, the step), atomically, so that a run
+    stopped later resumes from it (`--resume`) to the same result (0 = no checkpoints)."""
+    save_total_limit: int = 3
+    """Keep only the newest this many checkpoints (0 = keep all)."""
+    logging_steps: int = 10
+    """Every this many optimizer steps (and at the last), log the mean loss since the previous
+    line: a line on the `mechsieve.train` logger (printed by the CLI even under --quiet), a record
+    in OUT/train_log.jsonl, and the trackers of `report_to` (0 = only the progress bar)."""
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    """Also send the logged values to an experiment tracker through accelerate: TensorBoard event
+    files under OUT/tensorboard (pip install tensorboard), or Weights & Biases (pip install wandb;
+    configured by its WANDB_* environment variables)."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them: less
+    memory for longer sequences or bigger micro-batches, about a third more compute."""
+    mixed_precision: Literal["no", "bf16"] = "no"
+    """`bf16`: run forward and backward under bfloat16 autocast (weights, optimizer state and the
+    loss stay float32). Meant for GPUs with bf16 (Ampere or newer; refused on older ones); on CPU it
+    runs through torch's CPU autocast, usually slower than float32 unless the CPU has native bf16."""
 
     def __post_init__(self) -> None:
         check_positive("train.lora_r", self.lora_r)
@@ -63,6 +84,11 @@ class TrainConfig:
         check_positive("train.grad_accum", self.grad_accum)
         check_positive("train.weight_decay", self.weight_decay, allow_zero=True)
         check_positive("train.max_grad_norm", self.max_grad_norm, allow_zero=True)
+        check_positive("train.save_steps", self.save_steps, allow_zero=True)
+        check_positive("train.save_total_limit", self.save_total_limit, allow_zero=True)
+        check_positive("train.logging_steps", self.logging_steps, allow_zero=True)
+        check_choice("train.report_to", self.report_to, ("none", "tensorboard", "wandb"))
+        check_choice("train.mixed_precision", self.mixed_precision, ("no", "bf16"))
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
         if not self.target_modules:
@@ -80,6 +106,8 @@ class TrainResult:
     """Label tokens trained on (summed over steps; a token seen twice counts twice)."""
     seconds: float
     settings: dict[str, Any] = field(default_factory=dict)
+    resumed_from: Path | None = None
+    """The checkpoint the run continued from (None: it started at step 0)."""
 
     @property
     def tokens_per_s(self) -> float:

@@ -75,8 +75,13 @@ def trainable_parameters(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
-def save_trained(model: Any, tokenizer: Any, out_dir: str | Path, full: bool) -> Path:
-    """LoRA: adapter_config.json + adapter_model.safetensors; full: a whole model folder."""
+def save_trained(model: Any, tokenizer: Any, out_dir: str | Path, full: bool,
+                 identity: dict[str, Any] | None = None) -> Path:
+    """LoRA: adapter_config.json + adapter_model.safetensors; full: a whole model folder. Either
+    way with mechsieve_base.json, the base model as other tools name it (adapter_meta.py; from
+    `identity`, the LoadedModel's, else guessed from the model)."""
+    from mechsieve.train.adapter_meta import record_base_model
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if full:
@@ -86,6 +91,7 @@ def save_trained(model: Any, tokenizer: Any, out_dir: str | Path, full: bool) ->
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=PEFT_DEPRECATION, category=FutureWarning)
             model.save_pretrained(out_dir)
+    record_base_model(out_dir, model, identity)
     return out_dir
 
 
