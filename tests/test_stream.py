@@ -139,7 +139,6 @@ def test_a_record_that_changed_since_the_scan_is_named(tmp_path):
 
 def test_the_scan_and_a_shard_hold_no_more_than_one_example(tmp_path, monkeypatch):
     import mechsieve.data.readers as readers
-    import mechsieve.data.stream as stream
 
     path = write_jsonl(tmp_path / "p.jsonl", [chat(i) for i in range(300)])
     made: list[weakref.ref] = []
@@ -153,7 +152,8 @@ def test_the_scan_and_a_shard_hold_no_more_than_one_example(tmp_path, monkeypatc
             return ex
         return to_example
 
-    monkeypatch.setattr(stream, "to_example", counting(stream.to_example))
+    # the scan, a shard and read_pool all convert through readers.Converter
+    monkeypatch.setattr(readers, "to_example", counting(readers.to_example))
     pool = scan_pool(DataConfig(path=str(path)))
     gc.collect()
     assert len(made) == len(pool) == 300
@@ -167,7 +167,6 @@ def test_the_scan_and_a_shard_hold_no_more_than_one_example(tmp_path, monkeypatc
     # the same count on read_pool finds the whole pool alive: the check can fail
     made.clear()
     most[0] = 0
-    monkeypatch.setattr(readers, "to_example", counting(readers.to_example))
     whole = read_pool(DataConfig(path=str(path)))
     assert most[0] == 300 and len(whole) == 300
 

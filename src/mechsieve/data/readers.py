@@ -388,6 +388,44 @@ def _one_line(err: BaseException) -> str:
     return " ".join(f"{type(err).__name__}: {err}".split())
 
 
+class Converter:
+    """The conversion of one raw record (read_pool's and a streamed shard's) (location, row, record) -> Example, or None for a
+    record skipped under `skip_invalid` (its message appended to `skipped`). `fmt`: the layout a
+    scan detected (a shard must not detect its own from its first record)."""
+
+    def __init__(self, cfg: DataConfig, container: str, fmt: str | None = None) -> None:
+        self.cfg = cfg
+        self.container = container
+        self.fmt = fmt if fmt is not None else (None if cfg.format == "auto" else cfg.format)
+        self.source = cfg.source or default_source(cfg.path)
+        self.own_source = not cfg.source and "source" not in cfg.field_map
+        self.skipped: list[str] = []
+
+    def __call__(self, loc: str, row: int, record: Any) -> Example | None:
+        cfg = self.cfg
+        if isinstance(record, _Invalid) and record.decoding:
+            if not cfg.skip_invalid:
+                raise DataError(f"{loc}: {record.why} (or use --skip-invalid to skip such records)")
+            self.skipped.append(f"{loc}: {record.why}")
+            return None
+        try:
+            if isinstance(record, _Invalid):
+                raise RecordError("<line>", "one JSON object per line", record.why)
+            if self.fmt is None:
+                self.fmt = _detect(record, self.container)
+            example = to_example(record, self.fmt, self.source, row, cfg.field_map)
+            if self.own_source:
+                own_source(example, record)
+            return example
+        except RecordError as err:
+            message = f"{loc}: {err}{_layout_note(record, self.container, self.fmt, cfg.format == 'auto')}"
+            if not cfg.skip_invalid:
+                raise DataError(message + " (use --skip-invalid to skip such records)") from err
+            self.skipped.append(message)
+            return None
+
+
+
 def read_pool(
     path: str | Path | DataConfig,
     format: str = "auto",
@@ -415,34 +453,17 @@ def read_pool(
         raise DataError("no data path given (data.path / --pool)")
     container = container_of(cfg.path, bool(cfg.data_files))
     check_dataset_settings(cfg.path, container, cfg.subset, cfg.revision, cfg.data_files)
-    src = cfg.source or default_source(cfg.path)
-    fmt = None if cfg.format == "auto" else cfg.format
+    convert = Converter(cfg, container)
     examples: list[Example] = []
-    skipped: list[str] = []
     records = iter_raw(cfg.path, container, cfg.split, cfg.encoding, subset=cfg.subset, revision=cfg.revision,
                        data_files=cfg.data_files, streaming=cfg.streaming)
     for loc, row, record in records:
-        if isinstance(record, _Invalid) and record.decoding:
-            if not cfg.skip_invalid:
-                raise DataError(f"{loc}: {record.why} (or use --skip-invalid to skip such records)")
-            skipped.append(f"{loc}: {record.why}")
-            continue
-        try:
-            if isinstance(record, _Invalid):
-                raise RecordError("<line>", "one JSON object per line", record.why)
-            if fmt is None:
-                fmt = _detect(record, container)
-            example = to_example(record, fmt, src, row, cfg.field_map)
-            if not cfg.source and "source" not in cfg.field_map:
-                own_source(example, record)
+        example = convert(loc, row, record)
+        if example is not None:
             examples.append(example)
-        except RecordError as err:
-            message = f"{loc}: {err}{_layout_note(record, container, fmt, cfg.format == 'auto')}"
-            if not cfg.skip_invalid:
-                raise DataError(message + " (use --skip-invalid to skip such records)") from err
-            skipped.append(message)
         if cfg.limit and len(examples) >= cfg.limit:
             break
+    skipped, fmt = convert.skipped, convert.fmt
     if not examples:
         why = f"; {len(skipped)} record(s) skipped as invalid, first: {skipped[0]}" if skipped else ""
         raise DataError(f"{cfg.path}: no records{why}")

@@ -1,7 +1,7 @@
 """Pools larger than memory: one scan that keeps only ids, and shards that read their own records.
 
-`scan_pool(cfg)` reads the pool once, record by record, converting each exactly as `read_pool`
-does (`Converter`: the same formats, field maps, sources, invalid records, `limit` and `~2` id
+`scan_pool(cfg)` reads the pool once, record by record, converting each with `read_pool`'s own
+`readers.Converter` (the same formats, field maps, sources, invalid records, `limit` and `~2` id
 renaming), and keeps of each example only its id, its source and where its record lies (its row
 in the split; for JSONL also the byte offset and line of that row); the fingerprint is hashed as
 it goes, so it equals `read_pool(cfg).fingerprint()` and caches and shard folders key the same.
@@ -38,22 +38,18 @@ from pathlib import Path
 from typing import Any
 
 from mechsieve.config import ConfigError, check_choice
-from mechsieve.data.formats import RecordError, to_example
 from mechsieve.data.hub import check_dataset_settings, parse_split, slice_rows
 from mechsieve.data.readers import (
+    Converter,
     DataConfig,
     DataError,
     _bad_byte,
-    _detect,
     _Invalid,
-    _layout_note,
     _line_codec,
     _open_binary,
     _table_rows,
     container_of,
-    default_source,
     iter_raw,
-    own_source,
     read_pool,
 )
 from mechsieve.data.records import Example, Pool, fingerprint_line
@@ -114,43 +110,6 @@ def is_streamed(pool: Any) -> bool:
 
 
 # --- one record at a time, as read_pool converts it ------------------------------------------
-
-class Converter:
-    """`read_pool`'s conversion of one raw record (location, row, record) -> Example, or None for a
-    record skipped under `skip_invalid` (its message appended to `skipped`). `fmt`: the layout a
-    scan detected (a shard must not detect its own from its first record)."""
-
-    def __init__(self, cfg: DataConfig, container: str, fmt: str | None = None) -> None:
-        self.cfg = cfg
-        self.container = container
-        self.fmt = fmt if fmt is not None else (None if cfg.format == "auto" else cfg.format)
-        self.source = cfg.source or default_source(cfg.path)
-        self.own_source = not cfg.source and "source" not in cfg.field_map
-        self.skipped: list[str] = []
-
-    def __call__(self, loc: str, row: int, record: Any) -> Example | None:
-        cfg = self.cfg
-        if isinstance(record, _Invalid) and record.decoding:
-            if not cfg.skip_invalid:
-                raise DataError(f"{loc}: {record.why} (or use --skip-invalid to skip such records)")
-            self.skipped.append(f"{loc}: {record.why}")
-            return None
-        try:
-            if isinstance(record, _Invalid):
-                raise RecordError("<line>", "one JSON object per line", record.why)
-            if self.fmt is None:
-                self.fmt = _detect(record, self.container)
-            example = to_example(record, self.fmt, self.source, row, cfg.field_map)
-            if self.own_source:
-                own_source(example, record)
-            return example
-        except RecordError as err:
-            message = f"{loc}: {err}{_layout_note(record, self.container, self.fmt, cfg.format == 'auto')}"
-            if not cfg.skip_invalid:
-                raise DataError(message + " (use --skip-invalid to skip such records)") from err
-            self.skipped.append(message)
-            return None
-
 
 def jsonl_rows(path: str, encoding: str, offset: int = 0, lineno: int = 0, row: int = 0
                ) -> Iterator[tuple[str, int, Any, int, int]]:
