@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,18 @@ def igds_pool(rows, source: str):
 
     return Pool([Example(f"{source}-{i}", source, [{"role": "user", "content": q}], a, {})
                  for i, (q, a) in enumerate(rows)], "", "memory", "memory")
+
+
+def ray_test_session(tmp_path_factory, module_name: str):
+    """A local 2-CPU Ray for a test module's fixture (yields `ray`): quiet, offline, its own cache;
+    the module's classes travel to the actors by value (the workers cannot import tests/)."""
+    ray = pytest.importorskip("ray")
+    import logging
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
+             runtime_env={"env_vars": {"MECHSIEVE_CACHE": str(tmp_path_factory.mktemp("ray-cache")),
+                                       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+                                       "TOKENIZERS_PARALLELISM": "false"}})
+    ray.cloudpickle.register_pickle_by_value(sys.modules[module_name])
+    yield ray
+    ray.shutdown()

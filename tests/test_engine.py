@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import probe_pool, write_jsonl
+from conftest import probe_pool, ray_test_session, write_jsonl
 from mechsieve.data.records import Pool
 from mechsieve.engine import (
     EngineConfig,
@@ -455,17 +455,7 @@ def test_ray_engine_refuses_whole_pool_methods_before_loading_anything(model_dir
 
 @pytest.fixture(scope="module")
 def ray_session(tmp_path_factory):
-    ray = pytest.importorskip("ray")
-    import logging
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
-             runtime_env={"env_vars": {"MECHSIEVE_CACHE": str(tmp_path_factory.mktemp("ray-cache")),
-                                       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-                                       "TOKENIZERS_PARALLELISM": "false"}})
-    # classes of this file travel to the actors by value (the workers cannot import tests/)
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield ray
-    ray.shutdown()
+    yield from ray_test_session(tmp_path_factory, __name__)
 
 
 # Each Ray run starts its actors afresh (a Python process, torch, the model): seconds each on a

@@ -7,14 +7,13 @@ from __future__ import annotations
 import gc
 import gzip
 import json
-import sys
 import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import probe_pool, write_jsonl
+from conftest import probe_pool, ray_test_session, write_jsonl
 from mechsieve.config import ConfigError
 from mechsieve.data.readers import DataConfig, DataError, read_pool
 from mechsieve.data.stream import StreamedPool, StreamError, scan_pool, wants_stream
@@ -329,16 +328,7 @@ def test_ray_shards_of_a_streamed_pool_carry_readers_not_examples(tmp_path):
 
 @pytest.fixture(scope="module")
 def ray_session(tmp_path_factory):
-    ray = pytest.importorskip("ray")
-    import logging
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False,
-             runtime_env={"env_vars": {"MECHSIEVE_CACHE": str(tmp_path_factory.mktemp("ray-cache")),
-                                       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-                                       "TOKENIZERS_PARALLELISM": "false"}})
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield ray
-    ray.shutdown()
+    yield from ray_test_session(tmp_path_factory, __name__)
 
 
 def test_ray_actors_read_their_own_shards_and_give_the_local_scores(ray_session, model_dir, folder_model,
