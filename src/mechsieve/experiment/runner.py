@@ -29,7 +29,7 @@ from mechsieve.data.records import Pool
 from mechsieve.evaluate.tasks import evaluate_task
 from mechsieve.experiment.config import ExperimentConfig
 from mechsieve.experiment.report import write_results
-from mechsieve.models.loading import LoadedModel, load_model
+from mechsieve.models.loading import LoadedModel
 from mechsieve.store import Cache, save_artefact
 from mechsieve.train.items import TrainItem, items_from_examples
 
@@ -129,6 +129,9 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, log: Callable[[
     folder = OutputFolder(cfg.out, "experiment", resumes=True, flag="out")
     pool = read_pool(cfg.pool)
     target = read_pool(cfg.target) if cfg.target.path else None
+    # imported here, not at module level, so the loader is looked up when the run starts
+    from mechsieve.models.loading import load_model
+
     base = load_model(cfg.model)
     items = items_from_examples(pool.examples, base.tokenizer, cfg.render)
     folder.claim([*([] if cfg.cache else ["cache"]), "results.json", "results.csv", "table.txt", "results.png"])
