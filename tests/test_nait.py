@@ -267,9 +267,9 @@ def brute_auc(pos, neg) -> float:
     return float(np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg]))
 
 
-def test_robust_preset_matches_a_hand_computed_layer_choice(loaded):
-    """robust: anchor last_user, cosine, target z-normalisation, the better of 2 layers by held-out
-    AUC; every step recomputed here from unbatched drifts."""
+def test_robust_preset_with_pca_matches_a_hand_computed_layer_choice(loaded):
+    """robust with direction=pca: anchor last_user, cosine, target z-normalisation, the better of
+    2 layers by held-out AUC; every step recomputed here from unbatched drifts."""
     from mechsieve.scorers.baselines import hashed_uniform
 
     layers = [0, 1]  # below the last block (see test_nait_matches_hand_computed_pca_and_projection)
@@ -292,7 +292,7 @@ def test_robust_preset_matches_a_hand_computed_layer_choice(loaded):
     v = hand_pca(t[:, 1])
     ct = cos(t[:, 1], v)
     expected = (cos(p[:, 1], v) - ct.mean()) / ct.std()
-    res = make_scorer("nait", {"layers": layers, "layer_top": 1}).score(pool, target=target, loaded=loaded, seed=2,
+    res = make_scorer("nait", {"layers": layers, "layer_top": 1, "direction": "pca"}).score(pool, target=target, loaded=loaded, seed=2,
                                                                        progress=False)
     np.testing.assert_allclose(res.scores, expected, rtol=1e-4, atol=1e-4)
     ex = res.explanations
@@ -301,13 +301,80 @@ def test_robust_preset_matches_a_hand_computed_layer_choice(loaded):
     assert list(ex["layer_auc"]["gsm8k"]) == ["0", "1"]
     assert ex["layer_auc_sizes"]["gsm8k"] == {"fit": 3, "held_out": 3, "pool": 7}
     # a pool sample of 3 (seeded by id): other AUCs, the same sizes recorded
-    few = make_scorer("nait", {"layers": layers, "layer_top": 1, "layer_pool": 3}).score(
+    few = make_scorer("nait", {"layers": layers, "layer_top": 1, "layer_pool": 3, "direction": "pca"}).score(
         pool, target=target, loaded=loaded, seed=2, progress=False)
     assert few.explanations["layer_auc_sizes"]["gsm8k"]["pool"] == 3
     # a target too small to split keeps every layer
-    small = make_scorer("nait", {"layers": layers, "layer_top": 1}).score(
+    small = make_scorer("nait", {"layers": layers, "layer_top": 1, "direction": "pca"}).score(
         pool, target=make_pool(2, start=1, source="gsm8k"), loaded=loaded, progress=False)
     assert small.explanations["kept_layers"] == {"gsm8k": [0, 1]}
+
+
+def test_contrast_direction_by_hand():
+    from mechsieve.features.neurons import contrast_component, fit_directions
+
+    x = np.array([[3.0, 1.0], [1.0, 3.0]])  # mean (2, 2); reference (1, 2): contrast (1, 0)
+    v, share = contrast_component(x, np.array([1.0, 2.0]))
+    np.testing.assert_allclose(v, [1.0, 0.0])
+    assert share == pytest.approx((4 + 0) / (4 + 1 + 0 + 1))  # centred rows (2, -1), (0, 1)
+    with pytest.raises(Exception, match="equals the reference"):
+        contrast_component(x, np.array([2.0, 2.0]))
+    dirs = fit_directions({"t": x[:, None, :]}, [0], direction="contrast", centre=np.array([[1.0, 2.0]]))
+    np.testing.assert_allclose(dirs.directions[0, 0], [1.0, 0.0])
+    np.testing.assert_allclose(dirs.centre, [[1.0, 2.0]])
+    np.testing.assert_allclose([dirs.proj_mean[0, 0], dirs.proj_std[0, 0]], [1.0, 1.0])  # projections 2, 0
+    with pytest.raises(ValueError, match="centre"):
+        fit_directions({"t": x[:, None, :]}, [0], direction="contrast")
+
+
+def test_robust_preset_matches_a_hand_computed_contrast(loaded):
+    """robust (direction=contrast): the reference is the mean drift of a seeded pool sample; for
+    the layer choice its first half is the fit's reference and its second half the comparison;
+    every drift is centred on the reference before its cosine; all recomputed here."""
+    from mechsieve.scorers.baselines import hashed_uniform
+
+    layers = [0, 1]
+    pool, target = make_pool(7), make_pool(6, start=1, source="gsm8k")
+    t = np.stack([reference_drifts(loaded, ex, layers, "resid", "last_user") for ex in target.examples])
+    p = np.stack([reference_drifts(loaded, ex, layers, "resid", "last_user") for ex in pool.examples])
+    rank = hashed_uniform([ex.id for ex in target.examples], 2)
+    order = sorted(range(6), key=lambda i: (rank[i], i))
+    fit, held = order[:3], order[3:]
+    draw = hashed_uniform([ex.id for ex in pool.examples], 3)
+    sample = sorted(range(7), key=lambda i: (draw[i], i))
+    ref_fit, compare = p[sample[:4]].mean(0), p[sample[4:]]
+
+    def cos(x, v, c):
+        return ((x - c) @ v) / np.linalg.norm(x - c, axis=1)
+
+    def unit(m):
+        return m / np.linalg.norm(m)
+
+    aucs = []
+    for k in range(2):
+        v = unit(t[fit, k].mean(0) - ref_fit[k])
+        aucs.append(brute_auc(cos(t[held, k], v, ref_fit[k]), cos(compare[:, k], v, ref_fit[k])))
+    k = int(np.argmax(aucs))
+    centre = p.mean(0)
+    v = unit(t[:, k].mean(0) - centre[k])
+    ct = cos(t[:, k], v, centre[k])
+    expected = (cos(p[:, k], v, centre[k]) - ct.mean()) / ct.std()
+    res = make_scorer("nait", {"layers": layers, "layer_top": 1}).score(pool, target=target, loaded=loaded, seed=2,
+                                                                       progress=False)
+    np.testing.assert_allclose(res.scores, expected, rtol=1e-4, atol=1e-4)
+    ex = res.explanations
+    assert ex["direction"] == "contrast" and ex["reference_examples"] == 7 and ex["kept_layers"] == {"gsm8k": [k]}
+    np.testing.assert_allclose(list(ex["layer_auc"]["gsm8k"].values()), aucs, atol=1e-4)
+    assert ex["layer_auc_sizes"]["gsm8k"] == {"fit": 3, "held_out": 3, "pool": 3}
+    # the same without the layer choice: both layers summed, the full reference
+    both = make_scorer("nait", {"layers": layers, "layer_select": "none"}).score(pool, target=target, loaded=loaded,
+                                                                                seed=2, progress=False)
+    total = 0.0
+    for k in range(2):
+        v = unit(t[:, k].mean(0) - centre[k])
+        ct = cos(t[:, k], v, centre[k])
+        total = total + (cos(p[:, k], v, centre[k]) - ct.mean()) / ct.std()
+    np.testing.assert_allclose(both.scores, total, rtol=1e-4, atol=1e-4)
 
 
 def test_presets_fill_unset_fields_and_refuse_bad_values():
@@ -319,6 +386,7 @@ def test_presets_fill_unset_fields_and_refuse_bad_values():
         "last_user", "last", "cosine", "target", "auc")
     assert (paper.anchor, paper.drift, paper.similarity, paper.normalize, paper.layer_select) == (
         "first_content", "last", "dot", "none", "none")
+    assert (robust.direction, paper.direction) == ("contrast", "pca")
     assert NaitConfig(preset="paper", similarity="cosine").similarity == "cosine"  # explicit wins
     with pytest.raises(ConfigError, match="nait.anchor.*last_user"):
         NaitConfig(anchor="first")

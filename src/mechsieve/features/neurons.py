@@ -1,11 +1,13 @@
-"""NAIT capability directions: per-layer first principal components of activation drift.
+"""NAIT capability directions: per-layer directions of activation drift.
 
 A `CapabilityDirections` holds, for each target capability `c` and chosen layer `l`, the unit
-direction `v[c, l]` (first principal component of the target set's drifts, sign-calibrated so
-that the mean drift projects non-negatively), the share of variance it explains, and the mean
-and standard deviation over the target set of each layer's dot product and cosine with it (for
-z-normalisation), and optionally which of its layers each capability's score sums (`layer_mask`,
-chosen by held-out separation: `roc_auc`, `choose_layers`). It is a
+direction `v[c, l]` (`pca`: first principal component of the target set's drifts, sign-calibrated
+so that the mean drift projects non-negatively; `contrast`: the target's mean drift minus a
+reference mean drift, `centre[l]`, drawn from the pool), the share of variance it explains, and
+the mean and standard deviation over the target set of each layer's dot product and cosine with it
+(for z-normalisation), optionally the reference `centre: [L, d]` every drift is centred on before
+it is projected, and which of its layers each capability's score sums (`layer_mask`, chosen by
+held-out separation: `roc_auc`, `choose_layers`). It is a
 reusable artefact ("capability fingerprint"): `nait_directions.safetensors` + `.json` of the
 settings that made it; loading under other settings is refused naming the differing ones.
 """
@@ -21,7 +23,7 @@ import numpy as np
 from mechsieve.data.readers import DataError
 
 ARTEFACT = "nait_directions"
-LEGACY_SETTINGS = {"anchor": "first_content", "layer_select": "none"}
+LEGACY_SETTINGS = {"anchor": "first_content", "layer_select": "none", "direction": "pca"}
 """How artefacts saved before these settings existed were made (read as their values on load)."""
 
 
@@ -43,6 +45,22 @@ def first_component(drifts: np.ndarray) -> tuple[np.ndarray, float]:
     return v, (float(sing[0] ** 2) / total if total > 0 else 0.0)
 
 
+def contrast_component(drifts: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, float]:
+    """Unit `mean(drifts) - reference` of `drifts: [m, d]` against a reference mean drift `[d]`,
+    and the share of the drifts' second moment about the reference that lies along it."""
+    x = np.asarray(drifts, dtype=np.float64) - np.asarray(reference, dtype=np.float64)[None]
+    if x.ndim != 2 or x.shape[0] < 1:
+        raise DataError("a contrast direction needs at least 1 target example")
+    mean = x.mean(axis=0)
+    norm = float(np.linalg.norm(mean))
+    if norm == 0.0:
+        raise DataError("the target's mean drift equals the reference's: no contrast direction (nait.direction="
+                        "contrast); use direction=pca or another target set")
+    v = mean / norm
+    total = float((x**2).sum())
+    return v, (float(((x @ v) ** 2).sum()) / total if total > 0 else 0.0)
+
+
 @dataclass
 class CapabilityDirections:
     """directions: [c, L, d] float32 unit rows; explained and the target statistics: [c, L]."""
@@ -58,6 +76,9 @@ class CapabilityDirections:
     settings: dict[str, Any] = field(default_factory=dict)
     layer_mask: np.ndarray | None = None
     """[c, L] float64, 1 where capability c's score sums layer l, 0 where not (None: every layer)."""
+    centre: np.ndarray | None = None
+    """[L, d] float32 reference drift subtracted from every drift before it is projected
+    (direction=contrast); None: drifts are projected as they are."""
 
     def mask(self) -> np.ndarray:
         """[c, L] float64 layer mask (all ones when none is set)."""
@@ -70,7 +91,8 @@ class CapabilityDirections:
         k = list(keep)
         return CapabilityDirections(self.names, [self.layers[i] for i in k], self.directions[:, k],
                                     self.explained[:, k], self.proj_mean[:, k], self.proj_std[:, k],
-                                    self.cos_mean[:, k], self.cos_std[:, k], dict(self.settings), layer_mask)
+                                    self.cos_mean[:, k], self.cos_std[:, k], dict(self.settings), layer_mask,
+                                    None if self.centre is None else self.centre[k])
 
     def save(self, folder: str | Path) -> Path:
         from mechsieve.store.artefacts import save_artefact
@@ -80,6 +102,8 @@ class CapabilityDirections:
                    "cos_mean": self.cos_mean, "cos_std": self.cos_std}
         if self.layer_mask is not None:
             tensors["layer_mask"] = self.mask()
+        if self.centre is not None:
+            tensors["centre"] = np.asarray(self.centre, dtype=np.float32)
         return save_artefact(folder, ARTEFACT, tensors, self.settings,
                              extra={"names": self.names, "layers": self.layers})
 
@@ -100,12 +124,19 @@ class CapabilityDirections:
                 raise SettingsMismatch(Path(folder) / ARTEFACT, differences)
         return cls(meta["names"], meta["layers"], tensors["directions"], tensors["explained"],
                    tensors["proj_mean"], tensors["proj_std"], tensors["cos_mean"], tensors["cos_std"], saved,
-                   tensors.get("layer_mask"))
+                   tensors.get("layer_mask"), tensors.get("centre"))
 
 
-def fit_directions(drifts: dict[str, np.ndarray], layers: list[int], settings: dict[str, Any] | None = None
-                   ) -> CapabilityDirections:
-    """Fit one direction per capability and layer from `drifts[name]: [m, L, d]` target drifts."""
+def fit_directions(drifts: dict[str, np.ndarray], layers: list[int], settings: dict[str, Any] | None = None,
+                   direction: str = "pca", centre: np.ndarray | None = None) -> CapabilityDirections:
+    """Fit one direction per capability and layer from `drifts[name]: [m, L, d]` target drifts:
+    `pca` (first principal component) or `contrast` (the mean drift minus `centre[l]`, which
+    contrast needs). With a `centre: [L, d]`, the drifts are centred on it before the direction
+    (pca) and the target statistics are computed, as every drift projected later is."""
+    if direction not in ("pca", "contrast"):
+        raise ValueError(f"direction={direction!r}: pca or contrast")
+    if direction == "contrast" and centre is None:
+        raise ValueError("direction=contrast needs the reference drift (centre)")
     names = list(drifts)
     n_layers = len(layers)
     d = next(iter(drifts.values())).shape[-1]
@@ -115,17 +146,23 @@ def fit_directions(drifts: dict[str, np.ndarray], layers: list[int], settings: d
     std = np.zeros((len(names), n_layers))
     cmean = np.zeros((len(names), n_layers))
     cstd = np.zeros((len(names), n_layers))
+    ref = None if centre is None else np.asarray(centre, dtype=np.float64)
     for c, name in enumerate(names):
         x = np.asarray(drifts[name], dtype=np.float64)
+        if ref is not None:
+            x = x - ref[None]
         for k in range(n_layers):
-            dirs[c, k], explained[c, k] = first_component(x[:, k])
+            if direction == "contrast":
+                dirs[c, k], explained[c, k] = contrast_component(x[:, k], np.zeros(x.shape[-1]))
+            else:
+                dirs[c, k], explained[c, k] = first_component(x[:, k])
             proj = x[:, k] @ dirs[c, k]
             mean[c, k], std[c, k] = proj.mean(), proj.std()
             norms = np.linalg.norm(x[:, k], axis=1)
             cos = proj / np.where(norms > 0, norms, 1.0)
             cmean[c, k], cstd[c, k] = cos.mean(), cos.std()
     return CapabilityDirections(names, list(layers), dirs.astype(np.float32), explained, mean, std, cmean, cstd,
-                                dict(settings or {}))
+                                dict(settings or {}), None, None if ref is None else ref.astype(np.float32))
 
 
 def roc_auc(pos: np.ndarray, neg: np.ndarray) -> float:
