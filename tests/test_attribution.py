@@ -202,6 +202,12 @@ def test_attribute_label_field_parses_csv_strings(model_dir, tmp_path, capsys):
     assert sum(r["label"] for r in ranking) == 4  # rows 0, 3, 5 and 9
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["metrics"]["positives"] == 4 and summary["metrics"]["base_rate"] == 0.4
+    # the prompt-only baselines stand beside the method: 4 positives allow 4 stratified folds
+    base = summary["prompt_only_baseline"]
+    assert base["bag_of_words"]["folds"] == 4 and base["bag_of_words"]["base_rate"] == 0.4
+    assert base["response_length"]["unit"] and base["response_length"]["positives"] == 4
+    first = capsys.readouterr().err  # this tiny concept does not separate: the gate warns, once
+    assert first.count("not linearly readable here") == 1
     # a value that is not a label is refused, naming the file:line, the example, the field and the value
     values[6] = "maybe"
     with open(path, "w", newline="") as fh:

@@ -328,7 +328,7 @@ def test_contrast_direction_by_hand():
 
 
 def test_robust_preset_matches_a_hand_computed_contrast(loaded):
-    """robust (direction=contrast): the reference is the mean drift of a seeded pool sample; for
+    """robust with direction=contrast: the reference is the mean drift of a seeded pool sample; for
     the layer choice its first half is the fit's reference and its second half the comparison;
     every drift is centred on the reference before its cosine; all recomputed here."""
     from mechsieve.scorers.baselines import hashed_uniform
@@ -359,15 +359,15 @@ def test_robust_preset_matches_a_hand_computed_contrast(loaded):
     v = unit(t[:, k].mean(0) - centre[k])
     ct = cos(t[:, k], v, centre[k])
     expected = (cos(p[:, k], v, centre[k]) - ct.mean()) / ct.std()
-    res = make_scorer("nait", {"layers": layers, "layer_top": 1}).score(pool, target=target, loaded=loaded, seed=2,
-                                                                       progress=False)
+    res = make_scorer("nait", {"layers": layers, "layer_top": 1, "direction": "contrast"}).score(
+        pool, target=target, loaded=loaded, seed=2, progress=False)
     np.testing.assert_allclose(res.scores, expected, rtol=1e-4, atol=1e-4)
     ex = res.explanations
     assert ex["direction"] == "contrast" and ex["reference_examples"] == 7 and ex["kept_layers"] == {"gsm8k": [k]}
     np.testing.assert_allclose(list(ex["layer_auc"]["gsm8k"].values()), aucs, atol=1e-4)
     assert ex["layer_auc_sizes"]["gsm8k"] == {"fit": 3, "held_out": 3, "pool": 3}
     # the same without the layer choice: both layers summed, the full reference
-    both = make_scorer("nait", {"layers": layers, "layer_select": "none"}).score(pool, target=target, loaded=loaded,
+    both = make_scorer("nait", {"layers": layers, "layer_select": "none", "direction": "contrast"}).score(pool, target=target, loaded=loaded,
                                                                                 seed=2, progress=False)
     total = 0.0
     for k in range(2):
@@ -386,7 +386,7 @@ def test_presets_fill_unset_fields_and_refuse_bad_values():
         "last_user", "last", "cosine", "target", "auc")
     assert (paper.anchor, paper.drift, paper.similarity, paper.normalize, paper.layer_select) == (
         "first_content", "last", "dot", "none", "none")
-    assert (robust.direction, paper.direction) == ("contrast", "pca")
+    assert (robust.direction, paper.direction) == ("pca", "pca")
     assert NaitConfig(preset="paper", similarity="cosine").similarity == "cosine"  # explicit wins
     with pytest.raises(ConfigError, match="nait.anchor.*last_user"):
         NaitConfig(anchor="first")

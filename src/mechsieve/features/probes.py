@@ -8,11 +8,18 @@ activations `abar(x) = mean_t h_l(x)_t`; the concept score is `f_v(x) = abar(x) 
 the held-out separation score is an AUC-ROC of `f_v` on a seeded held-out split, computed with a
 direction fitted on the rest, so a direction that only memorises its few examples shows as ~0.5.
 
+The probe gate (METHODS.md section 7: "report held-out separation per layer; warn below 0.7"):
+every concept carries `separation_by_layer`, the held-out AUC at each block it was tried at
+(`separation_by_layer` below; one entry for a fixed `concept.layer`, every candidate for
+`concept.layer=auto`, which fits at `choose_layer`'s pick); `gate_report` says whether the chosen
+block's separation reaches `concept.gate` and, where not, the warning to show.
+
 Pure math on arrays; `save_concept` / `load_concept` go through mechsieve.store.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,8 +36,17 @@ METHODS = ("diff_means", "logreg", "sae")
 class ConceptConfig:
     """How a concept direction is made."""
 
-    layer: int = -4
-    """Block whose residual-stream output is read (negative counts from the end)."""
+    layer: int | Literal["auto"] = -4
+    """Block whose residual-stream output is read (negative counts from the end), or `auto`: the
+    block of `layers` with the best held-out separation (ties go to the earlier block)."""
+    layers: list[int] | Literal["all"] = "all"
+    """`layer=auto`: the candidate blocks (negative counts from the end), or `all` (every block).
+    They are read in one forward pass per side, which runs to the deepest candidate; ignored
+    with a fixed `layer`."""
+    gate: float = 0.7
+    """Held-out separation (AUC-ROC) below which the concept counts as not linearly readable at
+    its block: a ProbeGateWarning, and `probe_gate.readable: false` in the scorers'
+    explanations. The concept is still fitted and used; the gate only reports."""
     method: Literal["diff_means", "logreg", "sae"] = "diff_means"
     """`diff_means`: mean(pos) - mean(neg); `logreg`: logistic-regression weight on standardised
     activations mapped back to activation space; `sae`: decoder row `sae_feature` of `sae_decoder`."""
@@ -47,6 +63,21 @@ class ConceptConfig:
 
     def __post_init__(self) -> None:
         check_choice("concept.method", self.method, METHODS)
+        if isinstance(self.layer, str) and self.layer != "auto":
+            raise ConfigError(f"concept.layer={self.layer!r}: give a block index (negative counts from the end) "
+                              "or auto")
+        if isinstance(self.layers, str):
+            check_choice("concept.layers", self.layers, ("all",))
+        elif not self.layers:
+            raise ConfigError("concept.layers is empty; give the candidate blocks, e.g. [4, 8, -4], or all")
+        if not 0.0 <= self.gate <= 1.0:
+            raise ConfigError(f"concept.gate={self.gate} must be in [0, 1] (an AUC-ROC; 0.5 is chance)")
+        if self.layer == "auto" and self.holdout == 0:
+            raise ConfigError("concept.layer=auto picks the block by held-out separation, and concept.holdout=0 "
+                              "holds nothing out: set concept.holdout > 0 (e.g. 0.25), or give a concept.layer")
+        if self.layer == "auto" and self.method == "sae":
+            raise ConfigError("concept.layer=auto with concept.method=sae: an SAE's decoder belongs to the block "
+                              "it was trained on; give that block as concept.layer")
         if not 0.0 <= self.holdout < 1.0:
             raise ConfigError(f"concept.holdout={self.holdout} must be in [0, 1)")
         if self.logreg_c <= 0:
@@ -67,6 +98,8 @@ class Concept:
     counts: dict[str, int] = field(default_factory=dict)
     folder: str = ""
     """Where it was saved / loaded from (reuse it with concept_dir / --concept-dir)."""
+    separation_by_layer: dict[int, float | None] = field(default_factory=dict)
+    """Held-out AUC-ROC at each block tried (None: not measured); `layer` is one of them."""
 
     @property
     def unit(self) -> np.ndarray:
@@ -129,26 +162,93 @@ def _direction(pos: np.ndarray, neg: np.ndarray, cfg: ConceptConfig, decoder: np
     return sae_direction(decoder, cfg.sae_feature)
 
 
+def held_out_separation(pos: np.ndarray, neg: np.ndarray, cfg: ConceptConfig | None = None,
+                        decoder: np.ndarray | None = None) -> float | None:
+    """AUC-ROC of the concept score on a seeded held-out share (`cfg.holdout`) of `pos: [n, d]`
+    and `neg: [m, d]`, the direction fitted on the rest; None with no hold-out or fewer than 2
+    examples on a side. The split depends only on the seed and the counts, so every layer of the
+    same examples is split alike."""
+    cfg = cfg or ConceptConfig()
+    if not (cfg.holdout > 0 and min(len(pos), len(neg)) >= 2):
+        return None
+    rng = np.random.default_rng(cfg.seed)
+    pos_perm, neg_perm = rng.permutation(len(pos)), rng.permutation(len(neg))
+    kp = max(1, int(round(cfg.holdout * len(pos))))
+    kn = max(1, int(round(cfg.holdout * len(neg))))
+    held = Concept(_direction(pos[pos_perm[kp:]], neg[neg_perm[kn:]], cfg, decoder), 0)
+    return auc_roc(held.score(pos[pos_perm[:kp]]), held.score(neg[neg_perm[:kn]]))
+
+
+def separation_by_layer(pos: np.ndarray, neg: np.ndarray, cfg: ConceptConfig | None = None,
+                        layers: Sequence[int] | None = None,
+                        decoder: np.ndarray | None = None) -> dict[int, float | None]:
+    """Held-out separation at each layer of `pos: [L, n, d]`, `neg: [L, m, d]` -> {block: AUC or
+    None}; `layers` names the L blocks (default 0..L-1)."""
+    if pos.ndim != 3 or neg.ndim != 3 or pos.shape[0] != neg.shape[0]:
+        raise ValueError(f"separation_by_layer wants [L, n, d] and [L, m, d] arrays; got {pos.shape} and {neg.shape}")
+    names = list(range(pos.shape[0])) if layers is None else [int(x) for x in layers]
+    if len(names) != pos.shape[0]:
+        raise ValueError(f"{len(names)} layer names for {pos.shape[0]} layers of activations")
+    return {name: held_out_separation(pos[k], neg[k], cfg, decoder) for k, name in enumerate(names)}
+
+
+def choose_layer(separations: dict[int, float | None]) -> int:
+    """The block with the highest measured separation; ties go to the earlier block."""
+    measured = {layer: sep for layer, sep in separations.items() if sep is not None}
+    if not measured:
+        raise DataError("concept.layer=auto could not measure a held-out separation at any block: it needs at "
+                        "least 2 positive and 2 negative examples with response tokens (raise max_len if their "
+                        "responses were cut away), or give a concept.layer")
+    return min(measured, key=lambda layer: (-measured[layer], layer))
+
+
 def fit_concept(pos: np.ndarray, neg: np.ndarray, layer: int, cfg: ConceptConfig | None = None,
                 decoder: np.ndarray | None = None, settings: dict[str, Any] | None = None) -> Concept:
     """A concept from mean response activations `pos: [n, d]` and `neg: [m, d]` at `layer`.
 
     The separation score uses a direction fitted without the held-out examples; the returned
-    direction is then fitted on all of them.
+    direction is then fitted on all of them. `separation_by_layer` has this one block.
     """
     cfg = cfg or ConceptConfig()
-    separation = None
-    if cfg.holdout > 0 and min(len(pos), len(neg)) >= 2:
-        rng = np.random.default_rng(cfg.seed)
-        pos_perm, neg_perm = rng.permutation(len(pos)), rng.permutation(len(neg))
-        kp = max(1, int(round(cfg.holdout * len(pos))))
-        kn = max(1, int(round(cfg.holdout * len(neg))))
-        v = _direction(pos[pos_perm[kp:]], neg[neg_perm[kn:]], cfg, decoder)
-        held = Concept(v, layer)
-        separation = auc_roc(held.score(pos[pos_perm[:kp]]), held.score(neg[neg_perm[:kn]]))
+    separation = held_out_separation(pos, neg, cfg, decoder)
     v = _direction(pos, neg, cfg, decoder)
     return Concept(v, layer, {**(settings or {}), "concept": to_dict(cfg)}, separation,
-                   {"positive": int(len(pos)), "negative": int(len(neg))})
+                   {"positive": int(len(pos)), "negative": int(len(neg))}, separation_by_layer={layer: separation})
+
+
+class ProbeGateWarning(UserWarning):
+    """A concept's held-out separation is below `concept.gate` (or could not be measured)."""
+
+
+def gate_report(concept: Concept, gate: float) -> dict[str, Any]:
+    """The probe gate of `concept`: {separation_by_layer, layer, gate, readable, warning}.
+
+    readable: the separation at the concept's block (the best one tried, under layer=auto)
+    reaches `gate`; warning: the text to show when it does not (None when it does).
+    """
+    seps = dict(concept.separation_by_layer) or {concept.layer: concept.separation}
+    sep = seps.get(concept.layer)
+    readable = sep is not None and sep >= gate
+    return {"separation_by_layer": seps, "layer": concept.layer, "gate": gate, "readable": readable,
+            "warning": None if readable else gate_warning(concept.layer, seps, gate)}
+
+
+def gate_warning(layer: int, separations: dict[int, float | None], gate: float) -> str:
+    """Why the concept at `layer` is not (known to be) linearly readable, naming the blocks tried."""
+    sep = separations.get(layer)
+    if len(separations) > 1:
+        shown = ", ".join(f"{b}: {'n/a' if s is None else f'{s:.2f}'}" for b, s in sorted(separations.items()))
+        tried = f" (blocks tried: {shown})"
+        fix = "give more, or more distinct, positive and negative examples"
+    else:
+        tried = ""
+        fix = "try concept.layer=auto (or another concept.layer), or more distinct positive and negative examples"
+    if sep is None:
+        return (f"concept at block {layer}{tried}: held-out separation could not be measured (concept.holdout=0, "
+                f"or fewer than 2 examples with a response on a side), so it is not known to reach {gate:g}: "
+                "attribution through it is unreliable; set concept.holdout > 0 and give at least 2 examples a side")
+    return (f"concept at block {layer}: held-out separation {sep:.2f} < {gate:g}: this concept is not linearly "
+            f"readable here; attribution through it is unreliable{tried}; {fix}")
 
 
 def load_decoder(path: str) -> np.ndarray:
@@ -168,13 +268,15 @@ def load_decoder(path: str) -> np.ndarray:
 
 
 def save_concept(folder: str | Path, concept: Concept) -> Path:
-    """`concept.safetensors` (direction) + `concept.json` (settings, layer, separation)."""
+    """`concept.safetensors` (direction) + `concept.json` (settings, layer, separation, the
+    separation at each block tried)."""
     from mechsieve.store.artefacts import save_artefact
 
     concept.folder = str(folder)
+    by_layer = {str(layer): sep for layer, sep in sorted(concept.separation_by_layer.items())}
     return save_artefact(folder, "concept", {"direction": concept.direction}, concept.settings,
                          extra={"layer": concept.layer, "separation": concept.separation,
-                                "counts": concept.counts})
+                                "counts": concept.counts, "separation_by_layer": by_layer})
 
 
 def load_concept(folder: str | Path, expected: dict[str, Any] | None = None,
@@ -190,8 +292,13 @@ def load_concept(folder: str | Path, expected: dict[str, Any] | None = None,
         raise ConfigError(f"{folder}: this concept was fitted for model {describe_model(fitted_for)}, not for "
                           f"{describe_model(model)}; a direction only means something in the model it was read "
                           "from: pass that --model, or fit the concept for this one (--concept POS NEG)")
-    return Concept(tensors["direction"], int(meta["layer"]), settings,
-                   meta.get("separation"), meta.get("counts", {}), str(folder))
+    layer, separation = int(meta["layer"]), meta.get("separation")
+    saved = meta.get("separation_by_layer")
+    # concepts saved before the probe gate have only the separation at their own block
+    by_layer = ({int(b): (None if s is None else float(s)) for b, s in saved.items()} if isinstance(saved, dict)
+                else {layer: separation})
+    return Concept(tensors["direction"], layer, settings, separation, meta.get("counts", {}), str(folder),
+                   by_layer)
 
 
 # Where a model lives and the dtype it was loaded in do not change what its directions mean.

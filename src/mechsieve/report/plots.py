@@ -160,22 +160,34 @@ def pr_curve(recall: np.ndarray, precision: np.ndarray, base_rate: float, ap: fl
 
 
 def removal_curve(removal: dict[str, Any]) -> Html:
-    """Attribution: the behaviour after retraining without the top / a random fraction."""
+    """Attribution: the behaviour after retraining without the top / a random fraction; with the
+    task loss of the same runs (a removal experiment's `task_loss_*` keys) in a second panel, so
+    that a removal which only breaks the model shows."""
     fractions = np.asarray(removal.get("fractions", []), dtype=np.float64) * 100
-    top = np.asarray(removal.get("concept_after_top_removal", []), dtype=np.float64)
-    runs = removal.get("random_runs") or [[v] for v in removal.get("concept_after_random_removal", [])]
-    rnd_mean = np.asarray([np.mean(r) for r in runs], dtype=np.float64)
-    rnd_std = np.asarray([np.std(r, ddof=1) if len(r) > 1 else 0.0 for r in runs], dtype=np.float64)
-    with figure(1, panel=(5.0, 3.0)) as (fig, axes):
-        ax = axes[0]
-        ax.plot(fractions, top, marker="o", color=SELECTED, label="top of the ranking removed")
-        ax.errorbar(fractions, rnd_mean, yerr=rnd_std, marker="s", color=GREY, capsize=3, label="random removed")
-        if removal.get("full_data") is not None:
-            ax.axhline(float(removal["full_data"]), color=BLUE, linestyle="--", linewidth=1, label="full data")
-        ax.set_xlabel("% of the pool removed before retraining")
-        ax.set_ylabel("behaviour score after retraining")
-        ax.set_title("removal curve")
-        ax.legend()
+    panels = [("concept", "behaviour score after retraining", "removal curve")]
+    if removal.get("task_loss_after_top_removal"):
+        panels.append(("task_loss", "held-out task loss per token", "task loss after retraining"))
+    with figure(len(panels), panel=(5.0, 3.0)) as (fig, axes):
+        for ax, (name, ylabel, title) in zip(axes, panels):
+            if name == "concept":
+                top = removal.get("concept_after_top_removal", [])
+                runs = removal.get("random_runs") or [[v] for v in removal.get("concept_after_random_removal", [])]
+                full = removal.get("full_data")
+            else:
+                top = removal.get(f"{name}_after_top_removal", [])
+                runs = removal.get(f"{name}_random_runs") or [[v] for v in removal.get(f"{name}_after_random_removal", [])]
+                full = removal.get(f"{name}_full_data")
+            rnd_mean = np.asarray([np.mean(r) for r in runs], dtype=np.float64)
+            rnd_std = np.asarray([np.std(r, ddof=1) if len(r) > 1 else 0.0 for r in runs], dtype=np.float64)
+            ax.plot(fractions, np.asarray(top, dtype=np.float64), marker="o", color=SELECTED,
+                    label="top of the ranking removed")
+            ax.errorbar(fractions, rnd_mean, yerr=rnd_std, marker="s", color=GREY, capsize=3, label="random removed")
+            if full is not None:
+                ax.axhline(float(full), color=BLUE, linestyle="--", linewidth=1, label="full data")
+            ax.set_xlabel("% of the pool removed before retraining")
+            ax.set_ylabel(ylabel)
+            ax.set_title(title)
+            ax.legend()
         return to_svg(fig)
 
 

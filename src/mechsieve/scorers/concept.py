@@ -10,13 +10,23 @@ Difference, plus building (and caching) the concept they project on.
 
 The concept comes from `concept_dir` (a saved concept, see features/probes.py) or is fitted
 from the `positive` / `negative` data files at `probe.layer` and cached under the mechsieve cache,
-keyed by the model, both data fingerprints and the settings.
+keyed by the model, both data fingerprints and the settings. `probe.layer=auto` reads every
+candidate block (`probe.layers`) in one pass per side and fits at the one with the best held-out
+separation. Either way the probe gate is checked: a concept whose held-out separation is below
+`probe.gate` raises a ProbeGateWarning, and every scorer's explanations carry `probe_gate`
+(features.probes.gate_report).
+
+Every pass (the concept's, the pool's, the sampled responses') renders with `render`
+(`max_len` is its old spelling, kept: a value other than 256 there is copied into
+`render.max_len`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -24,13 +34,26 @@ import numpy as np
 from mechsieve.config import ConfigError, to_dict
 from mechsieve.data.records import Example, Pool
 from mechsieve.data.render import RenderConfig, pad_id
-from mechsieve.features.probes import Concept, ConceptConfig
+from mechsieve.features.probes import Concept, ConceptConfig, ProbeGateWarning, gate_report
 from mechsieve.scorers.base import ForwardScorer, Scorer, ScorerError, ScoreResult, ShardState
+
+MAX_LEN = 256
+"""The concept scorers' default longest rendered example (tokens)."""
+
+
+@dataclass
+class ConceptRenderConfig(RenderConfig):
+    """RenderConfig with the concept scorers' own default length, so that a `render` section
+    setting only, say, the template keeps 256 tokens rather than RenderConfig's 512."""
+
+    max_len: int = MAX_LEN
+    """Longest sequence kept; longer ones are cut at the end and counted as truncated."""
 
 
 @dataclass
 class ConceptSource:
-    """Where the concept comes from: a saved one, or contrastive data files."""
+    """Where the concept comes from: a saved one, or contrastive data files; how every pass of
+    these scorers renders and batches examples."""
 
     concept_dir: str = ""
     """Folder of a saved concept (concept.safetensors + concept.json); wins over the files."""
@@ -39,9 +62,12 @@ class ConceptSource:
     negative: str = ""
     """Data file of behaviour-free examples."""
     probe: ConceptConfig = field(default_factory=ConceptConfig)
-    """How the direction is fitted (layer, method, hold-out)."""
-    max_len: int = 256
-    """Longest rendered example (tokens) for every pass of these scorers."""
+    """How the direction is fitted (layer or auto, method, hold-out, gate)."""
+    render: ConceptRenderConfig = field(default_factory=ConceptRenderConfig)
+    """How examples become tokens in every pass of these scorers (max_len, template, ...)."""
+    max_len: int = MAX_LEN
+    """Old spelling of `render.max_len`, kept working: a value other than 256 is copied there
+    (giving both, different, is an error); after construction it always equals `render.max_len`."""
     max_tokens: int = 4096
     """Token budget of one forward batch."""
     max_batch: int = 64
@@ -51,61 +77,120 @@ class ConceptSource:
     def __post_init__(self) -> None:
         if self.max_len < 2 or self.max_tokens < 1 or self.max_batch < 1:
             raise ConfigError("max_len must be >= 2, max_tokens and max_batch >= 1")
+        old, new = self.max_len, self.render.max_len
+        if old != MAX_LEN and new != MAX_LEN and old != new:
+            raise ConfigError(f"max_len={old} and render.max_len={new} disagree; max_len is the old spelling of "
+                              "render.max_len: set only render.max_len")
+        if old != MAX_LEN:
+            self.render = replace(self.render, max_len=old)
+        # one value: code reading `max_len` (the gradient scorers' batch budget) sees render's
+        self.max_len = self.render.max_len
 
 
-def render_config(max_len: int) -> RenderConfig:
-    """How every pass of the concept and gradient scorers renders examples: the RenderConfig
-    defaults, cut at their own `max_len` setting (these scorers have no `render` block)."""
-    return RenderConfig(max_len=max_len)
+def render_config(source: ConceptSource | int) -> RenderConfig:
+    """How every pass of the concept and gradient scorers renders examples: a ConceptSource's
+    `render` section, as a plain RenderConfig (so the pool pass keys equal those of other
+    scorers rendering alike); given a bare length (the older call), the RenderConfig defaults cut
+    at it."""
+    if isinstance(source, int):
+        return RenderConfig(max_len=source)
+    return RenderConfig(**{f.name: getattr(source.render, f.name) for f in dataclasses.fields(RenderConfig)})
 
 
 def mean_response_acts(loaded: Any, examples: list[Example], layer: int, src: ConceptSource,
                        progress: bool = True) -> tuple[np.ndarray, float]:
     """abar_layer for each example -> ([n, d] float32, seconds of the pass); zeros for an example
     left without response tokens."""
-    acts, seconds, _ = _capture_mean_response(loaded, examples, layer, src, progress)
-    return acts, seconds
+    acts, seconds, _ = _capture_mean_response(loaded, examples, [layer], src, progress)
+    return acts[:, 0], seconds
 
 
-def _capture_mean_response(loaded: Any, examples: list[Example], layer: int, src: ConceptSource,
+def _capture_mean_response(loaded: Any, examples: list[Example], layers: list[int], src: ConceptSource,
                            progress: bool) -> tuple[np.ndarray, float, np.ndarray]:
+    """abar at every one of `layers` in one pass -> ([n, len(layers), d], seconds, [n] response
+    token counts)."""
     from mechsieve.capture.activations import CaptureConfig, capture
     from mechsieve.data.render import render_pool
 
-    rendered, _ = render_pool(examples, loaded.tokenizer, render_config(src.max_len))
-    cfg = CaptureConfig(layers=[layer], reductions=["mean_response"], max_tokens=src.max_tokens,
+    rendered, _ = render_pool(examples, loaded.tokenizer, render_config(src))
+    cfg = CaptureConfig(layers=list(layers), reductions=["mean_response"], max_tokens=src.max_tokens,
                         max_batch=src.max_batch)
     start = time.perf_counter()
     result = capture(loaded.model, rendered, cfg, pad_id=pad_id(loaded.tokenizer), progress=progress)
-    return result.arrays["mean_response"][:, 0], time.perf_counter() - start, result.n_response_tokens
+    return result.arrays["mean_response"], time.perf_counter() - start, result.n_response_tokens
+
+
+def candidate_layers(loaded: Any, probe: ConceptConfig) -> list[int]:
+    """The blocks a concept is read at: `probe.layers` under layer=auto, else `[probe.layer]`
+    (non-negative, ascending)."""
+    from mechsieve.models.hooks import hook_points
+
+    wanted = probe.layers if probe.layer == "auto" else [probe.layer]
+    return hook_points(loaded.model).normalize_layers(wanted)
+
+
+def concept_settings(loaded: Any, positive: Pool, negative: Pool, src: ConceptSource) -> dict[str, Any]:
+    """What a fitted concept depends on (its cache key, with the model): the probe settings, the
+    blocks read, the rendering and both data fingerprints; `gate` only reports, so it is left out."""
+    probe = {k: v for k, v in to_dict(src.probe).items() if k not in ("gate", "layers")}
+    return {"probe": probe, "layers": candidate_layers(loaded, src.probe), "render": to_dict(render_config(src)),
+            "positive": positive.fingerprint(), "negative": negative.fingerprint()}
 
 
 def build_concept(loaded: Any, positive: Pool, negative: Pool, src: ConceptSource,
                   progress: bool = True, use_cache: bool = True) -> Concept:
     """Fit the concept of `src.probe` on the two pools (cached: same model, data and settings
-    give the saved concept back)."""
-    from mechsieve.features.probes import fit_concept, load_concept, load_decoder, save_concept
-    from mechsieve.models.hooks import hook_points
+    give the saved concept back). Under `probe.layer=auto` every candidate block is read in one
+    pass per side and the concept is fitted at `choose_layer`'s pick; the probe gate is checked
+    (a ProbeGateWarning below `probe.gate`)."""
+    from mechsieve.features.probes import (
+        choose_layer,
+        fit_concept,
+        load_concept,
+        load_decoder,
+        save_concept,
+        separation_by_layer,
+    )
     from mechsieve.models.loading import cache_root
     from mechsieve.store.cache import Cache
 
-    layer = hook_points(loaded.model).normalize_layers([src.probe.layer])[0]
-    settings = {"probe": to_dict(src.probe), "layer": layer, "max_len": src.max_len,
-                "positive": positive.fingerprint(), "negative": negative.fingerprint()}
+    settings = concept_settings(loaded, positive, negative, src)
     entry = Cache(cache_root()).entry("concepts", loaded.identity, positive.fingerprint(), settings,
                                       name="concept")
     if use_cache and entry.exists():
-        return load_concept(entry.folder, expected=entry.key)
+        concept = load_concept(entry.folder, expected=entry.key)
+        check_gate(concept, src.probe.gate)
+        return concept
+    layers = settings["layers"]
     # examples whose response was cut away entirely (prompt longer than max_len) carry no signal
-    pos, _, n_pos = _capture_mean_response(loaded, positive.examples, layer, src, progress)
-    neg, _, n_neg = _capture_mean_response(loaded, negative.examples, layer, src, progress)
+    pos, _, n_pos = _capture_mean_response(loaded, positive.examples, layers, src, progress)
+    neg, _, n_neg = _capture_mean_response(loaded, negative.examples, layers, src, progress)
+    pos, neg = pos[n_pos > 0], neg[n_neg > 0]
     decoder = load_decoder(src.probe.sae_decoder) if src.probe.method == "sae" else None
-    concept = fit_concept(pos[n_pos > 0], neg[n_neg > 0], layer, src.probe, decoder)
+    seps = None
+    layer = layers[0]
+    if src.probe.layer == "auto":
+        seps = separation_by_layer(pos.transpose(1, 0, 2), neg.transpose(1, 0, 2), src.probe, layers, decoder)
+        layer = choose_layer(seps)
+    k = layers.index(layer)
+    concept = fit_concept(pos[:, k], neg[:, k], layer, src.probe, decoder)
+    if seps is not None:
+        concept.separation_by_layer = seps
     concept.counts["dropped_without_response"] = int((n_pos == 0).sum() + (n_neg == 0).sum())
     concept.settings = entry.key
     if use_cache:
         save_concept(entry.folder, concept)
+    check_gate(concept, src.probe.gate)
     return concept
+
+
+def check_gate(concept: Concept, gate: float) -> dict[str, Any]:
+    """The probe gate report of `concept` (features.probes.gate_report); warns (ProbeGateWarning)
+    when its separation is below `gate` or unmeasured."""
+    report = gate_report(concept, gate)
+    if report["warning"]:
+        warnings.warn(report["warning"], ProbeGateWarning, stacklevel=3)
+    return report
 
 
 def resolve_concept(loaded: Any, src: ConceptSource, progress: bool = True) -> Concept:
@@ -121,6 +206,7 @@ def resolve_concept(loaded: Any, src: ConceptSource, progress: bool = True) -> C
                 raise ConfigError(f"{src.concept_dir}: a concept direction of width {concept.direction.shape[-1]} "
                                   f"for a model of width {width}; it was made for another model: pass that "
                                   "--model, or fit the concept for this one (--concept POS NEG)")
+        check_gate(concept, src.probe.gate)
         return concept
     if not (src.positive and src.negative):
         raise ScorerError("a concept is needed: set concept_dir (a saved concept) or both positive and "
@@ -128,9 +214,9 @@ def resolve_concept(loaded: Any, src: ConceptSource, progress: bool = True) -> C
     return build_concept(loaded, read_pool(src.positive), read_pool(src.negative), src, progress)
 
 
-def _concept_explanations(concept: Concept) -> dict[str, Any]:
+def _concept_explanations(concept: Concept, gate: float) -> dict[str, Any]:
     return {"layer": concept.layer, "separation": concept.separation, "counts": concept.counts,
-            "concept_dir": concept.folder}
+            "concept_dir": concept.folder, "probe_gate": gate_report(concept, gate)}
 
 
 @dataclass
@@ -142,7 +228,7 @@ def concept_pass_key(src: ConceptSource) -> Any:
     """The shared-pass key of these scorers' pool pass (capture.shared.PassKey)."""
     from mechsieve.capture.shared import PassKey
 
-    return PassKey(render_config(src.max_len), src.max_tokens, src.max_batch)
+    return PassKey(render_config(src), src.max_tokens, src.max_batch)
 
 
 class VectorFilter(ForwardScorer):
@@ -158,7 +244,7 @@ class VectorFilter(ForwardScorer):
         start = time.perf_counter()
         concept = resolve_concept(loaded, self.config, progress)
         return {"unit": concept.unit, "layer": int(concept.layer),
-                "explanations": _concept_explanations(concept),
+                "explanations": _concept_explanations(concept, self.config.probe.gate),
                 "timings": {"concept": time.perf_counter() - start}}
 
     def features(self, state: ShardState, loaded: Any) -> dict[str, Any]:
@@ -191,23 +277,29 @@ class ProjectionDiffConfig(ConceptSource):
 
 
 def sample_responses(loaded: Any, examples: list[Example], max_new_tokens: int, temperature: float,
-                     seed: int, batch: int = 16, max_len: int = 256, progress: bool = True) -> list[str]:
-    """The model's own response to each prompt (left-padded batches, seeded sampling)."""
+                     seed: int, batch: int = 16, max_len: int = MAX_LEN, progress: bool = True,
+                     render: RenderConfig | None = None) -> list[str]:
+    """The model's own response to each prompt (left-padded batches, seeded sampling), rendered
+    with `render` (default: the RenderConfig defaults cut at `max_len`). Generation stops at the
+    tokenizer's stop tokens (EOS and end-of-turn markers, evaluate.generate.stop_ids) and the text
+    is cut at the first one, as generate_greedy does."""
     import torch
     from tqdm.auto import tqdm
 
     from mechsieve.capture.batching import collate
     from mechsieve.data.render import render_example
+    from mechsieve.evaluate.generate import stop_ids
 
     tok, model = loaded.tokenizer, loaded.model
-    prompts = [render_example(ex, tok, render_config(max_len), add_generation_prompt=True)
-               for ex in examples]
+    rcfg = render or render_config(max_len)
+    prompts = [render_example(ex, tok, rcfg, add_generation_prompt=True) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     out = [""] * len(prompts)
     torch.manual_seed(seed)
     sample = temperature > 0
     pad = pad_id(tok)
-    kwargs = {"do_sample": sample, "max_new_tokens": max_new_tokens, "pad_token_id": pad}
+    stops = stop_ids(tok)
+    kwargs = {"do_sample": sample, "max_new_tokens": max_new_tokens, "pad_token_id": pad, "eos_token_id": stops}
     if sample:
         kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
     for s in tqdm(range(0, len(order), batch), desc="sample y'", disable=not progress, leave=False):
@@ -216,7 +308,9 @@ def sample_responses(loaded: Any, examples: list[Example], max_new_tokens: int, 
         with torch.no_grad():
             gen = model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, **kwargs)
         for row, i in enumerate(idx):
-            out[i] = tok.decode(gen[row, b.input_ids.shape[1]:], skip_special_tokens=True)
+            tokens = gen[row, b.input_ids.shape[1]:].tolist()
+            cut = next((k for k, t in enumerate(tokens) if t in stops), len(tokens))
+            out[i] = tok.decode(tokens[:cut], skip_special_tokens=True)
     return out
 
 
@@ -238,11 +332,11 @@ class ProjectionDiff(Scorer):
         acts, t_own = mean_response_acts(loaded, pool.examples, concept.layer, cfg, progress)
         start = time.perf_counter()
         own = sample_responses(loaded, pool.examples, cfg.max_new_tokens, cfg.temperature, seed,
-                               cfg.generate_batch, cfg.max_len, progress)
+                               cfg.generate_batch, progress=progress, render=render_config(cfg))
         t_sample = time.perf_counter() - start
         sampled = [Example(ex.id, ex.source, ex.prompt, y) for ex, y in zip(pool.examples, own)]
         acts_own, t_theirs = mean_response_acts(loaded, sampled, concept.layer, cfg, progress)
         scores = concept.score(acts) - concept.score(acts_own)
-        expl = {**_concept_explanations(concept), "empty_samples": sum(1 for y in own if not y.strip())}
+        expl = {**_concept_explanations(concept, cfg.probe.gate), "empty_samples": sum(1 for y in own if not y.strip())}
         return ScoreResult(scores, expl, {"concept": t_concept, "sample": t_sample,
                                           "score": t_own + t_theirs})

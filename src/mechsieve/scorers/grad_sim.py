@@ -80,6 +80,10 @@ def resolve_queries(cfg: GradientTargetConfig, target: Pool | None, seed: int) -
 def boundary_layer(loaded: Any, cfg: GradientTargetConfig) -> int:
     from mechsieve.models.hooks import hook_points
 
+    if cfg.probe.layer == "auto":
+        raise ScorerError("probe.layer=auto is for the probe scorers (vector-filter, projection-diff): the gradient "
+                          "methods track the blocks below a fixed layer; run vector-filter with probe.layer=auto to "
+                          "find the best block, then give it here (--layer N)")
     return hook_points(loaded.model).normalize_layers([cfg.probe.layer])[0]
 
 
