@@ -267,18 +267,25 @@ def brute_auc(pos, neg) -> float:
     return float(np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg]))
 
 
-def test_robust_preset_with_pca_matches_a_hand_computed_layer_choice(loaded):
-    """robust with direction=pca: anchor last_user, cosine, target z-normalisation, the better of
-    2 layers by held-out AUC; every step recomputed here from unbatched drifts."""
+def robust_setup(loaded: LoadedModel):
+    """The robust-preset tests' case: layers [0, 1] (below the last block, see
+    test_nait_matches_hand_computed_pca_and_projection), a 7-example pool, a 6-example target,
+    their unbatched last_user drifts and the target's seed-2 fit / held-out split by id."""
     from mechsieve.scorers.baselines import hashed_uniform
 
-    layers = [0, 1]  # below the last block (see test_nait_matches_hand_computed_pca_and_projection)
+    layers = [0, 1]
     pool, target = make_pool(7), make_pool(6, start=1, source="gsm8k")
     t = np.stack([reference_drifts(loaded, ex, layers, "resid", "last_user") for ex in target.examples])
     p = np.stack([reference_drifts(loaded, ex, layers, "resid", "last_user") for ex in pool.examples])
     rank = hashed_uniform([ex.id for ex in target.examples], 2)
     order = sorted(range(6), key=lambda i: (rank[i], i))
-    fit, held = order[:3], order[3:]
+    return layers, pool, target, t, p, order[:3], order[3:]
+
+
+def test_robust_preset_with_pca_matches_a_hand_computed_layer_choice(loaded):
+    """robust with direction=pca: anchor last_user, cosine, target z-normalisation, the better of
+    2 layers by held-out AUC; every step recomputed here from unbatched drifts."""
+    layers, pool, target, t, p, fit, held = robust_setup(loaded)
 
     def cos(x, v):
         return (x @ v) / np.linalg.norm(x, axis=1)
@@ -292,8 +299,8 @@ def test_robust_preset_with_pca_matches_a_hand_computed_layer_choice(loaded):
     v = hand_pca(t[:, 1])
     ct = cos(t[:, 1], v)
     expected = (cos(p[:, 1], v) - ct.mean()) / ct.std()
-    res = make_scorer("nait", {"layers": layers, "layer_top": 1, "direction": "pca"}).score(pool, target=target, loaded=loaded, seed=2,
-                                                                       progress=False)
+    res = make_scorer("nait", {"layers": layers, "layer_top": 1, "direction": "pca"}).score(
+        pool, target=target, loaded=loaded, seed=2, progress=False)
     np.testing.assert_allclose(res.scores, expected, rtol=1e-4, atol=1e-4)
     ex = res.explanations
     assert ex["kept_layers"] == {"gsm8k": kept} and ex["layers"] == kept and ex["anchor"] == "last_user"
@@ -333,13 +340,7 @@ def test_robust_preset_matches_a_hand_computed_contrast(loaded):
     every drift is centred on the reference before its cosine; all recomputed here."""
     from mechsieve.scorers.baselines import hashed_uniform
 
-    layers = [0, 1]
-    pool, target = make_pool(7), make_pool(6, start=1, source="gsm8k")
-    t = np.stack([reference_drifts(loaded, ex, layers, "resid", "last_user") for ex in target.examples])
-    p = np.stack([reference_drifts(loaded, ex, layers, "resid", "last_user") for ex in pool.examples])
-    rank = hashed_uniform([ex.id for ex in target.examples], 2)
-    order = sorted(range(6), key=lambda i: (rank[i], i))
-    fit, held = order[:3], order[3:]
+    layers, pool, target, t, p, fit, held = robust_setup(loaded)
     draw = hashed_uniform([ex.id for ex in pool.examples], 3)
     sample = sorted(range(7), key=lambda i: (draw[i], i))
     ref_fit, compare = p[sample[:4]].mean(0), p[sample[4:]]

@@ -69,7 +69,7 @@ import torch
 
 from mechsieve.capture.batching import Collated
 from mechsieve.capture.reductions import REDUCTIONS
-from mechsieve.capture.shared import Feature, PassKey, digest, feature_pass
+from mechsieve.capture.shared import Feature, PassKey, digest
 from mechsieve.config import ConfigError, check_choice, to_dict
 from mechsieve.data.records import Pool
 from mechsieve.data.render import pad_id
@@ -448,12 +448,3 @@ class Nait(ForwardScorer):
                    "forward_pool": sum(p.timings["forward_pool"] for p in parts)}
         return ScoreResult(per.max(axis=1), explanations, timings,
                            per_target=per if len(dirs.names) > 1 else None, target_names=dirs.names)
-
-    def project(self, loaded: Any, pool: Pool, dirs: CapabilityDirections, progress: bool = True,
-                desc: str = "nait: pool") -> tuple[np.ndarray, np.ndarray]:
-        """One pass over the pool: drift projections [n, c, L] on the directions, drift norms [n, L]."""
-        device = next(loaded.model.parameters()).device
-        feat = DriftProjection(pass_key(self.config, site=self.config.site), self.config.drift, dirs, device,
-                               anchor=self.config.anchor)
-        arrays, _ = feature_pass(loaded, pool.examples, {"drift": feat}, progress=progress, desc=desc)
-        return arrays["drift"]["proj"], arrays["drift"]["norms"]
