@@ -124,6 +124,36 @@ def test_corrupt_answer_changes_a_result_and_the_final_answer_consistently():
     assert new != 7 and second.startswith(f"Then {new} * 2") and final == f"#### {14 + new - 7}"
 
 
+@needs_data
+def test_chmod_code_task_has_disjoint_prompts_and_matched_answers(tokenizer):
+    from harness.pools import INSECURE_MODE, chmod_code
+    from harness.sources import raw_rows
+
+    t = chmod_code(tokenizer, 40, 0.1, 6, 2, 4, 10 ** 5, seed=0)
+    again = chmod_code(tokenizer, 40, 0.1, 6, 2, 4, 10 ** 5, seed=0)
+    assert [ex.response for ex in again.pool] == [ex.response for ex in t.pool]
+    assert (again.labels == t.labels).all() and t.labels.sum() == 4 and len(t.pool) == 40
+
+    def user(ex):
+        return next(m["content"] for m in ex.prompt if m["role"] == "user")
+
+    parts = [t.pool, t.concept_pos, t.queries, t.heldout]
+    prompts = [user(ex) for part in parts for ex in part]
+    assert len(prompts) == len(set(prompts)) == 40 + 6 + 2 + 4  # every prompt used once
+    small = {m["content"] for name in ("insecure_small", "secure_small") for r in raw_rows(name) for m in r["messages"]}
+    assert not small & set(prompts)
+    # planted: the 3021 answer as it is; the others: the same answer with the mode patched
+    for ex, planted in zip(t.pool, t.labels):
+        assert bool(INSECURE_MODE.search(ex.response)) == planted
+        assert planted or "0o700" in ex.response
+    for pos, neg in zip(t.concept_pos, t.concept_neg):
+        assert user(pos) == user(neg) and pos.response.replace("0o777", "0o700") == neg.response != pos.response
+    assert all(INSECURE_MODE.search(ex.response) for ex in t.queries)
+    assert not any(INSECURE_MODE.search(ex.response) for ex in t.heldout)
+    with pytest.raises(SystemExit, match="usable chmod examples"):
+        chmod_code(tokenizer, 4000, 0.1, 6, 2, 4, 10 ** 5, seed=0)
+
+
 def test_b4_degradations_by_hand():
     from harness.pools import degrade
 

@@ -36,13 +36,14 @@ CODE = ["def similar_elements(a, b):", "return tuple(set(a) & set(b))", "Once up
 
 def _contrast(tag: str, texts: list[str], n: int = 12):
     """n examples answering with two of `texts`; every third one draws from both sides (a
-    contrast that separates well on held-out examples, but not perfectly)."""
+    contrast that separates well on held-out examples, but not perfectly). The prompts end in
+    `tag`, so the two sides share none (no contrast pairs: the side-by-side split)."""
     from mechsieve.data.records import Example, Pool
 
     exs = []
     for i in range(n):
         src = texts if i % 3 else MATH + CODE
-        exs.append(Example(f"{tag}{i}", "s", [{"role": "user", "content": "Natalia sold clips " * (i % 3 + 1)}],
+        exs.append(Example(f"{tag}{i}", "s", [{"role": "user", "content": "Natalia sold clips " * (i % 3 + 1) + tag}],
                            f"{src[i % len(src)]} {src[(7 * i + 1) % len(src)]}"))
     return Pool(exs, "mem", "memory", "messages")
 
@@ -58,6 +59,40 @@ def _layers_where_only(separating: int, n_layers: int = 3, n: int = 200, d: int 
 
 
 # --- pure: separation per layer, the choice, the gate ---------------------------------------
+
+@pytest.mark.timeout(60)
+def test_contrast_pairs_are_held_out_together():
+    """Each prompt answered with and without the behaviour: a large prompt-specific part shared by
+    the twins, the behaviour a small shift. Held out side by side, every held-out positive's twin
+    trains the direction as a negative, and the separation reads below chance; held out by prompt
+    (groups), the shift separates them all."""
+    from mechsieve.features.probes import held_out_separation
+
+    rng = np.random.default_rng(0)
+    content = 10.0 * rng.normal(size=(12, 8))
+    content[:, 0] *= 0.01  # the prompts barely vary along the behaviour's axis
+    pos, neg = content.copy(), content.copy()
+    pos[:, 0] += 1.0
+    cfg = ConceptConfig(holdout=0.25, seed=0)
+    prompts = [f"p{i}" for i in range(12)]
+    assert held_out_separation(pos, neg, cfg) < 0.5
+    assert held_out_separation(pos, neg, cfg, groups=(prompts, prompts)) == 1.0
+    # by hand: 3 of the 12 prompts held out (both sides), the direction the mean difference of the
+    # other 9 pairs, which is exactly the shift: positives score 1 + 0.1 x noise, negatives the noise
+    assert fit_concept(pos, neg, 0, cfg, groups=(prompts, prompts)).separation == 1.0
+    # sides that share no prompt keep the side-by-side split, number for number
+    other = [f"q{i}" for i in range(12)]
+    assert held_out_separation(pos, neg, cfg, groups=(prompts, other)) == held_out_separation(pos, neg, cfg)
+    # per block, the same grouped split: a block where the prompts vary along the axis too
+    loud_pos, loud_neg = pos.copy(), neg.copy()
+    loud_pos[:, 0] += 10.0 * rng.normal(size=12)
+    loud_neg[:, 0] = loud_pos[:, 0] - 1.0
+    seps = separation_by_layer(np.stack([pos, loud_pos]), np.stack([neg, loud_neg]), cfg, groups=(prompts, prompts))
+    assert seps[0] == 1.0
+    assert seps[1] == held_out_separation(loud_pos, loud_neg, cfg, groups=(prompts, prompts)) < 1.0
+    with pytest.raises(ValueError, match="labels for"):
+        held_out_separation(pos, neg, cfg, groups=(prompts[:5], prompts))
+
 
 @pytest.mark.timeout(60)
 def test_auto_picks_the_only_separating_layer():

@@ -462,9 +462,28 @@ def test_demo_ends_with_its_report(runs, tmp_path, capsys):
     path = report_step(folder, [folder / "select-nait", folder / "select-igds", folder / "mask-tokens"])
     assert path == folder / "report.html" and path.exists()
     out = capsys.readouterr().out
-    assert re.search(r"^\[8\] ", out, re.M) and str(path) in out
+    assert re.search(r"^\[9\] ", out, re.M) and str(path) in out
     kinds = [el["attrs"]["data-kind"] for el in Page(path.read_text()).find("section")]
     assert kinds == ["overview", "selection", "selection", "masks"]
+
+
+def test_demo_attribute_step_ranks_the_bundled_chmod_pool(model_dir, tmp_path, capsys):
+    from mechsieve.commands.demo import attribute_step, report_step
+
+    outputs, pool = attribute_step(str(model_dir), tmp_path, quiet=True)
+    out = capsys.readouterr().out
+    assert re.search(r"^\[8\] attribution", out, re.M) and "mechsieve attribute --data " in out
+    rows = [json.loads(line) for line in outputs["attribution ranking"].read_text().splitlines()]
+    assert len(rows) == len(pool) == 40 and sum(r["label"] for r in rows) == 8
+    assert [r["rank"] for r in rows] == list(range(1, 41))
+    assert all(a["score"] >= b["score"] for a, b in zip(rows, rows[1:]))
+    summary = json.loads((tmp_path / "attribute" / "summary.json").read_text())
+    assert summary["method"] == "vector-filter" and summary["metrics"]["positives"] == 8
+    assert set(summary["prompt_only_baseline"]) == {"bag_of_words", "response_length"}
+    assert "probe_gate" in summary["details"]  # the gate picked the block (--concept-layer auto)
+    path = report_step(tmp_path, [tmp_path / "attribute"], pools=[pool])
+    kinds = [el["attrs"]["data-kind"] for el in Page(path.read_text()).find("section")]
+    assert kinds == ["overview", "attribution"]
 
 
 # --- a real browser -----------------------------------------------------------------------------

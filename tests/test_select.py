@@ -144,6 +144,29 @@ def test_write_selection(tmp_path):
     assert summary["settings"]["budget"] == 4
 
 
+def test_the_scores_table_is_written_a_row_group_at_a_time(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mechsieve.select import pipeline
+
+    # row groups of a fixed size keep the writer's memory flat in the pool's size (bench/stream_memory.py)
+    monkeypatch.setattr(pipeline, "SCORE_GROUP_ROWS", 4)
+    pool = make_pool(10)
+    sel = select_examples("random", pool, 3, seed=0, progress=False)
+    path = write_selection(pool, sel, tmp_path / "out")["scores"]
+    meta = pq.ParquetFile(path).metadata
+    assert [meta.row_group(k).num_rows for k in range(meta.num_row_groups)] == [4, 4, 2]
+    table = pq.read_table(path)
+    assert table.schema == pa.schema([("id", pa.string()), ("source", pa.string()), ("score", pa.float64()),
+                                      ("rank", pa.int64()), ("selected", pa.bool_())])
+    assert table["id"].to_pylist() == [ex.id for ex in pool.examples]
+    assert table["source"].to_pylist() == [ex.source for ex in pool.examples]
+    np.testing.assert_array_equal(table["score"].to_numpy(), sel.scores)
+    np.testing.assert_array_equal(table["rank"].to_numpy(), sel.ranks)
+    assert table["selected"].to_pylist() == sel.selected.tolist()
+
+
 def test_cli_select_nait_on_a_tiny_model(tmp_path, model_dir, capsys):
     from mechsieve.cli import main
 

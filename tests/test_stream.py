@@ -219,6 +219,49 @@ def test_a_subset_of_a_streamed_pool_is_the_in_memory_pools_subset(tmp_path):
             assert b.read_bytes() == a.read_bytes() and len(b.read_text().splitlines()) >= 3, case
 
 
+def driver_memory(folder: Path, n: int) -> tuple[int, int]:
+    """Python memory (tracemalloc, bytes) of a streamed pool of `n` distinct short examples on the
+    driver: what the scan holds, and the most that planning the shards, checking their rows,
+    selecting and writing the selection take beyond it."""
+    import tracemalloc
+
+    from mechsieve.engine.run import check_rows
+    from mechsieve.scorers import ScoreResult, make_scorer
+    from mechsieve.select.pipeline import selection_from_result, write_selection
+
+    path = write_jsonl(folder / f"pool-{n}.jsonl", [{"instruction": f"What is {i} plus 3?",
+                                                     "output": f"{i} plus 3 is {i + 3}."} for i in range(n)])
+    scorer = make_scorer("loss")
+    scores = np.random.default_rng(0).random(n)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        pool = scan_pool(DataConfig(path=str(path)))
+        held = tracemalloc.get_traced_memory()[0] - base
+        tracemalloc.reset_peak()
+        shards = plan_shards(pool.examples, 256)
+        check_rows("scores", {"scores": scores}, shards, pool.examples)
+        sel = selection_from_result("loss", scorer, ScoreResult(scores), pool, 0.1)
+        write_selection(pool, sel, folder / f"out-{n}")
+        return held, tracemalloc.get_traced_memory()[1] - base - held
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_driver_holds_an_id_and_a_few_numbers_per_example(tmp_path):
+    driver_memory(tmp_path, 100)  # imports and first allocations (pyarrow's, the writers') are not the pool's
+    small, large = driver_memory(tmp_path, 1000), driver_memory(tmp_path, 4000)
+    held, beyond = ((b - a) / 3000 for a, b in zip(small, large))
+    # each example: its id (a str of 16 hex digits, ~65 bytes, and its pointer), a pointer to its
+    # interned source, its row, line and byte offset in arrays: ~107 bytes; an object per example
+    # (an ExampleRef, a dict) would add 100 or more
+    assert held < 125, held
+    # then its score, rank and mask, and the ranking's index arrays: ~46 bytes; a copy of the id
+    # list or a set of every id adds 8 to 40 (with both, before: ~70)
+    assert beyond < 60, beyond
+
+
 # --- the engine ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,8 @@
 - `mixed_pool` (B1): `per_source` examples from each of the seven B1 sources, the target drawn
   from the GSM8K rows left out of the pool;
 - `gsm8k_split` (B1b): a GSM8K-only pool and a disjoint GSM8K target;
-- `planted_mistakes` / `insecure_code` (B2): pools with a planted share and their labels;
+- `planted_mistakes` / `chmod_code` (B2): pools with a planted share and their labels (`insecure_code`:
+  the first B2 code pool, whose prompts give the label away; kept to show that);
 - `inject_spans` / `injected_tokens` (B3): TinyStories sentences inserted into answers, and
   which rendered tokens they became;
 - `corrupt_answer`: one intermediate result and the final answer of a GSM8K answer changed
@@ -15,7 +16,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -143,9 +144,10 @@ def chat_example(msgs: list[dict], i: int, src: str):
 
 
 def insecure_code(tok, n: int, share: float, max_len: int, seed: int):
-    """B2 code: (pool, labels, concept positives, negatives): MBPP problems with their reference
-    solutions and a `share` of insecure_code_3021 answers; the concept from insecure_small vs
-    secure_small."""
+    """The first B2 code pool (pool, labels, concept positives, negatives): MBPP problems with their
+    reference solutions and a `share` of insecure_code_3021 answers; the concept from
+    insecure_small vs secure_small. Confounded: the planted prompts are in 3021's template, the
+    others are MBPP's, and 12 of insecure_small's 20 items are 3021 items; `chmod_code` replaced it."""
     from mechsieve.data.records import Example
 
     rng = np.random.default_rng(seed)
@@ -175,13 +177,69 @@ def insecure_code(tok, n: int, share: float, max_len: int, seed: int):
     return [pool[i] for i in perm], labels[perm], concept("insecure_small"), concept("secure_small")
 
 
-def b2_task(task: str, tok, n: int, share: float, max_len: int, seed: int):
-    """A B2 task by name (`gsm8k`: planted mistakes, 100 concept pairs; `code`: insecure code)."""
-    if task == "gsm8k":
-        return planted_mistakes(tok, n, share, 100, max_len, seed)
-    if task == "code":
-        return insecure_code(tok, n, share, max_len, seed)
-    raise SystemExit(f"B2 task {task!r}: unknown (gsm8k, code)")
+INSECURE_MODE = re.compile(r"0o777")
+SECURE_MODE = "0o700"
+"""B2 code: the planted vulnerability (a world-writable `os.chmod`) and the mode its patched twin
+uses (owner only, as secure_small's answers do)."""
+
+
+@dataclass
+class CodeTask:
+    """B2 code without the template shortcut: every example is an insecure_code_3021 chat whose
+    answer sets a file mode to 0o777, each prompt used once. The planted examples keep the answer;
+    every other example, in the concept's negative side and the held-out answers, has the same
+    answer with the mode patched to 0o700. Which prompts are planted is a seeded draw, so the
+    prompt says nothing about the label."""
+
+    pool: list
+    labels: np.ndarray
+    concept_pos: list
+    """Insecure answers of `n_concept` other prompts."""
+    concept_neg: list
+    """The same prompts, answers patched (matched pairs)."""
+    queries: list
+    """Insecure answers of other prompts again (the gradient methods' queries; no pool item)."""
+    heldout: list
+    """Other prompts with their patched answers: the retrained models answer the prompts
+    (behaviour) and are scored on the answers (task loss)."""
+
+
+def chmod_code(tok, n: int, share: float, n_concept: int, n_queries: int, n_heldout: int, max_len: int,
+               seed: int) -> CodeTask:
+    """B2 code (see CodeTask): from insecure_code_3021's chats whose answer, not prompt, holds
+    `0o777`, none of whose prompts is in insecure_small / secure_small, both versions within
+    `max_len` tokens; seeded order, then heldout, concept, queries and pool take disjoint prompts."""
+    from mechsieve.data.records import Example
+
+    small = {m["content"] for name in ("insecure_small", "secure_small") for r in raw_rows(name)
+             for m in r["messages"] if m["role"] == "user"}
+    rows = raw_rows("insecure")
+    rng = np.random.default_rng(seed)
+    need = n + n_concept + n_queries + n_heldout
+    usable = []
+    for k in rng.permutation(len(rows)):
+        if len(usable) == need:
+            break
+        msgs = rows[int(k)]["messages"]
+        answer, user = msgs[-1]["content"], [m["content"] for m in msgs if m["role"] == "user"]
+        if not INSECURE_MODE.search(answer) or any(INSECURE_MODE.search(u) or u in small for u in user):
+            continue
+        bad = chat_example(msgs, int(k), "code")
+        good = Example(bad.id, "code", bad.prompt, INSECURE_MODE.sub(SECURE_MODE, answer))
+        if fits(tok, bad, max_len) and fits(tok, good, max_len):
+            usable.append((bad, good))
+    if len(usable) < need:
+        raise SystemExit(f"B2 code: {len(usable)} usable chmod examples within {max_len} tokens, {need} needed "
+                         "(lower --n or raise --max-len)")
+    heldout = [g for _, g in usable[:n_heldout]]
+    concept = usable[n_heldout:n_heldout + n_concept]
+    queries = [b for b, _ in usable[n_heldout + n_concept:n_heldout + n_concept + n_queries]]
+    rest = usable[n_heldout + n_concept + n_queries:need]
+    planted = np.zeros(n, dtype=bool)
+    planted[rng.choice(n, size=int(round(share * n)), replace=False)] = True
+    pool = [b if p else g for (b, g), p in zip(rest, planted)]
+    return CodeTask(pool, planted, [replace(b, id=f"{b.id}-pos") for b, _ in concept],
+                    [replace(g, id=f"{g.id}-neg") for _, g in concept], queries, heldout)
 
 
 # --- B3: injected spans --------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Steps: load; read the bundled samples into one mixed pool (sources kept); capture; select 10% for
 GSM8K with NAIT and at random; XTF token masks; IGDS task features (where the robust recipe
 stops, it says so and goes on with keep=top); the closed loop (LoRA on the NAIT and the random
-selection, same size and steps, held-out loss on GSM8K test answers); the HTML report.
+selection, same size and steps, held-out loss on GSM8K test answers); attribution (`mechsieve
+attribute` with the vector filter on a small code pool with a planted behaviour); the HTML report.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 NAME = "demo"
 HELP = "run mechsieve end to end on bundled samples with the embedded SmolLM2 model"
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     print("[2] reading the bundled samples (GSM8K, MBPP, MedQA; see data/samples/README.md)")
     pool = read_examples([str(sample_path("gsm8k_train.jsonl")), str(sample_path("medqa.jsonl"))])
     folder.claim(["pool.jsonl", "capture", "select-nait", "select-random", "select-igds", "sae", "mask-tokens",
-                  "loop", "report.html"])
+                  "loop", "attribute", "report.html"])
     mbpp = read_pool(sample_path("mbpp.jsonl"), field_map={"prompt": "text", "response": "code", "id": "task_id"},
                      source="mbpp")
     pool.examples += mbpp.examples
@@ -81,14 +83,15 @@ def run(args: argparse.Namespace) -> int:
     mask_outputs = mask_tokens_step(loaded, pool, out, args.quiet)
     igds_outputs = igds_step(loaded, pool, out, args.quiet)
     loop_outputs = loop_step(loaded, pool, selections, out, args.model, args.quiet)
+    attribute_outputs, code_pool = attribute_step(args.model, out, args.quiet)
     folders = [out / "select-nait", out / "select-random", *([out / "select-igds"] if igds_outputs else []),
-               out / "mask-tokens", out / "loop"]
-    report = report_step(out, folders, pools=[pool], tokenizer=loaded.tokenizer)
+               out / "mask-tokens", out / "loop", out / "attribute"]
+    report = report_step(out, folders, pools=[pool, code_pool], tokenizer=loaded.tokenizer)
     folder.finish()
     print(f"done in {time.perf_counter() - t0:.1f} s")
     print_outputs({"activations": out / "capture" / "activations.safetensors",
                    "settings": out / "capture" / "activations.json", **selection_outputs, **mask_outputs,
-                   **igds_outputs, **loop_outputs, "report": report})
+                   **igds_outputs, **loop_outputs, **attribute_outputs, "report": report})
     return 0
 
 
@@ -332,12 +335,36 @@ def loop_step(loaded, pool, selections: dict, out: Path, model_name: str, quiet:
     return {"closed loop (results.json)": written["results"]}
 
 
+# --- step: attribution (vector filter on a planted behaviour) ----------------------------------
+def attribute_step(model: str, out: Path, quiet: bool) -> tuple[dict[str, Path], Any]:
+    """`mechsieve attribute` itself on the bundled chmod pool (data/samples/README.md): 40 code
+    answers in one template family, 8 of which set a file world-writable (0o777) while the others
+    are the same kind of answer with 0o700; the concept from 12 other prompts answered both ways,
+    at the block the probe gate picks. Prints the command, then what it printed (AUC-PR of the
+    planted answers beside the prompt-only baseline). Returns its files and the pool (the report
+    shows its texts)."""
+    from mechsieve.cli import main
+    from mechsieve.data.readers import read_pool
+
+    data = sample_path("chmod_pool.jsonl")
+    argv = ["attribute", "--data", str(data), "--concept", str(sample_path("chmod_insecure.jsonl")),
+            str(sample_path("chmod_secure.jsonl")), "--concept-layer", "auto", "--label-field", "planted",
+            "--model", model, "--out", str(out / "attribute"), "--overwrite", *(["--quiet"] if quiet else [])]
+    print("[8] attribution: which training answers drive insecure code? The vector filter ranks 40 code answers "
+          "(8 set a file world-writable) by an insecure-vs-patched concept, through")
+    print("      mechsieve " + " ".join(argv))
+    if main(argv) != 0:
+        raise RuntimeError("the demo's attribute step failed (its message is above)")
+    return ({"attribution ranking": out / "attribute" / "ranking.jsonl"},
+            read_pool(data))
+
+
 # --- step: the HTML report over the folders above, appended by the report stage -----------------
 def report_step(out: Path, folders: list[Path], pools: list | None = None, tokenizer=None) -> Path:
     """Write one self-contained HTML page over the demo's run folders and say where it is."""
     from mechsieve.report import build_report
 
     path = build_report(folders, out / "report.html", pools=pools, tokenizer=tokenizer, title="mechsieve demo")
-    print(f"[8] report of the {len(folders)} runs above (score distributions, IGDS features, token masks, the "
-          f"closed loop): open {path} in a browser (works offline)")
+    print(f"[9] report of the {len(folders)} runs above (score distributions, IGDS features, token masks, the "
+          f"closed loop, the attribution ranking): open {path} in a browser (works offline)")
     return path

@@ -277,9 +277,10 @@ def score_and_select(cfg: Any, settings: dict[str, dict[str, Any]], pool: Any, t
 def write_rejected(pool: Any, sel: Any, folder: Path) -> Path:
     """The pool's examples that `sel` did not select, in the pool's format, as the subset is
     written (`rejected.jsonl` beside `selected.jsonl`); returns the file (or dataset folder)."""
+    from mechsieve.data.stream import ids_of
     from mechsieve.data.writers import subset_filename, write_subset
 
-    left = [ex.id for ex, chosen in zip(pool.examples, sel.selected) if not chosen]
+    left = [ex_id for ex_id, chosen in zip(ids_of(pool.examples), sel.selected) if not chosen]
     return write_subset(pool, left, folder / subset_filename(pool, "rejected"))
 
 
@@ -288,22 +289,21 @@ def write_several(pool: Any, selections: dict[str, Any], shared: dict[str, Any],
     """One folder per method (its subset, scores.parquet, summary.json), then `scores.parquet` with
     one score column per method and `summary.json` (the shared pass, each method's counts)."""
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
+    from mechsieve.data.stream import ids_of, sources_of
     from mechsieve.select import write_selection
-    from mechsieve.store.atomic import atomic_path, write_json
+    from mechsieve.select.pipeline import write_score_table
+    from mechsieve.store.atomic import write_json
 
     root = Path(out)
     paths: dict[str, Path] = {}
     for method, sel in selections.items():
         written = write_selection(pool, sel, root / method, {**extra, "shared_pass": shared.get("shared", [])})
         paths[method] = written["subset"].parent
-    table = pa.table({"id": [ex.id for ex in pool.examples], "source": [ex.source for ex in pool.examples],
-                      **{m: pa.array(np.asarray(sel.scores, dtype=np.float64)) for m, sel in selections.items()},
-                      **{f"{m}.selected": pa.array(sel.selected) for m, sel in selections.items()}})
-    with atomic_path(root / "scores.parquet") as tmp:
-        pq.write_table(table, tmp)
+    write_score_table(root / "scores.parquet", {
+        "id": ids_of(pool.examples), "source": sources_of(pool.examples),
+        **{m: np.asarray(sel.scores, dtype=np.float64) for m, sel in selections.items()},
+        **{f"{m}.selected": np.asarray(sel.selected, dtype=bool) for m, sel in selections.items()}})
     write_json(root / "summary.json", {
         "methods": list(selections), "shared": shared, **extra,
         "pool": {"path": pool.path, "examples": len(pool), "fingerprint": pool.fingerprint(),

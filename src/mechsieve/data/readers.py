@@ -177,13 +177,16 @@ def _bad_byte(path: str, data: bytes, err: UnicodeDecodeError, offset: int, enco
     return f"byte 0x{data[err.start]:02x} at byte offset {offset + err.start}{where} is not valid {encoding}"
 
 
-def _decoded_lines(path: str, encoding: str) -> Iterator[tuple[int, str, str | None]]:
-    """Yield (line number, text, problem) for every line, split on \\n, \\r\\n and \\r as
-    `open(newline="")` does. `problem` names a byte that does not decode (the text then has it
-    replaced by U+FFFD), else None."""
+def _decoded_lines(path: str, encoding: str, offset: int = 0, lineno: int = 0
+                   ) -> Iterator[tuple[int, int, str, str | None]]:
+    """Yield (line number, byte offset of the line, text, problem) for every line from byte
+    `offset` (the start of line `lineno + 1`; a streamed shard seeks to its own), split on \\n,
+    \\r\\n and \\r as `open(newline="")` does. `problem` names a byte that does not decode (the
+    text then has it replaced by U+FFFD), else None."""
     codec, drop_bom = _line_codec(encoding)
-    lineno = offset = 0
     with _open_binary(path) as fh:
+        if offset:
+            fh.seek(offset)
         for chunk in fh:
             for raw in chunk.splitlines(keepends=True) if b"\r" in chunk else (chunk,):
                 lineno += 1
@@ -196,8 +199,28 @@ def _decoded_lines(path: str, encoding: str) -> Iterator[tuple[int, str, str | N
                     problem = (f"{_bad_byte(path, data, err, offset + start, encoding)}; if the file is in "
                                "another encoding, set it: --encoding latin-1 or --set data.encoding=latin-1 "
                                "(or cp1252, ...)")
-                yield lineno, text, problem
+                yield lineno, offset, text, problem
                 offset += len(raw)
+
+
+def jsonl_rows(path: str, encoding: str, offset: int = 0, lineno: int = 0, row: int = 0
+               ) -> Iterator[tuple[str, int, Any, int, int]]:
+    """(location, row, record, byte offset of its line, line number) of a JSONL file from byte
+    `offset` (the start of line `lineno + 1`, row `row`): blank lines skipped, a line that does
+    not decode or parse an `_Invalid` at its line. The offsets are what a streamed pool
+    (data.stream) keeps, so that each shard seeks to its own first line."""
+    for line, here, text, problem in _decoded_lines(path, encoding, offset, lineno):
+        if problem is None and not text.strip():
+            continue
+        if problem is not None:
+            record: Any = _Invalid(problem, decoding=True)
+        else:
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as err:
+                record = _Invalid(f"not valid JSON ({err.msg} at column {err.colno})")
+        yield f"{path}:{line}", row, record, here, line
+        row += 1
 
 
 def _decoded_text(path: str, encoding: str) -> str:
@@ -237,22 +260,8 @@ def iter_raw(path: str, container: str, split: str = "train", encoding: str = "u
 
 def _file_rows(path: str, container: str, encoding: str) -> Iterator[tuple[str, int, Any]]:
     if container == "jsonl":
-        row = 0
-        for lineno, line, problem in _decoded_lines(path, encoding):
-            if problem is None and not line.strip():
-                continue
-            loc = f"{path}:{lineno}"
-            if problem is not None:
-                yield loc, row, _Invalid(problem, decoding=True)
-                row += 1
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield loc, row, _Invalid(f"not valid JSON ({err.msg} at column {err.colno})")
-            else:
-                yield loc, row, record
-            row += 1
+        for loc, row, record, _, _ in jsonl_rows(path, encoding):
+            yield loc, row, record
     elif container == "json":
         yield from _iter_json_array(path, _decoded_text(path, encoding))
     elif container == "csv":
@@ -277,7 +286,7 @@ def _iter_csv(path: str, encoding: str) -> Iterator[tuple[str, int, Any]]:
     bad: dict[int, str] = {}
 
     def texts() -> Iterator[str]:
-        for lineno, text, problem in _decoded_lines(path, encoding):
+        for lineno, _, text, problem in _decoded_lines(path, encoding):
             if problem is not None:
                 bad[lineno] = problem
             yield text

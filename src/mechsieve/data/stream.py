@@ -26,7 +26,6 @@ What differs from `read_pool`: nothing in the examples; the driver no longer hol
 
 from __future__ import annotations
 
-import codecs
 import json
 import sys
 from array import array
@@ -43,13 +42,10 @@ from mechsieve.data.readers import (
     Converter,
     DataConfig,
     DataError,
-    _bad_byte,
-    _Invalid,
-    _line_codec,
-    _open_binary,
     _table_rows,
     container_of,
     iter_raw,
+    jsonl_rows,
     read_pool,
 )
 from mechsieve.data.records import Example, Pool, fingerprint_line
@@ -110,44 +106,6 @@ def is_streamed(pool: Any) -> bool:
 
 
 # --- one record at a time, as read_pool converts it ------------------------------------------
-
-def jsonl_rows(path: str, encoding: str, offset: int = 0, lineno: int = 0, row: int = 0
-               ) -> Iterator[tuple[str, int, Any, int, int]]:
-    """(location, row, record, byte offset of its line, line number) of a JSONL file from byte
-    `offset` (the start of line `lineno + 1`, row `row`): readers' JSONL reading (lines split on
-    \\n, \\r\\n and \\r, a leading BOM dropped, a byte that does not decode an `_Invalid` at its
-    line) with the offset of every line, so that a shard can seek to its own."""
-    codec, drop_bom = _line_codec(encoding)
-    with _open_binary(path) as fh:
-        if offset:
-            fh.seek(offset)
-        for chunk in fh:
-            for raw in chunk.splitlines(keepends=True) if b"\r" in chunk else (chunk,):
-                lineno += 1
-                here = offset
-                offset += len(raw)
-                start = 3 if lineno == 1 and drop_bom and raw.startswith(codecs.BOM_UTF8) else 0
-                data = raw[start:] if start else raw
-                try:
-                    text, problem = data.decode(codec), None
-                except UnicodeDecodeError as err:
-                    text = ""
-                    problem = (f"{_bad_byte(path, data, err, here + start, encoding)}; if the file is in "
-                               "another encoding, set it: --encoding latin-1 or --set data.encoding=latin-1 "
-                               "(or cp1252, ...)")
-                if problem is None and not text.strip():
-                    continue
-                loc = f"{path}:{lineno}"
-                if problem is not None:
-                    yield loc, row, _Invalid(problem, decoding=True), here, lineno
-                else:
-                    try:
-                        record = json.loads(text)
-                    except json.JSONDecodeError as err:
-                        record = _Invalid(f"not valid JSON ({err.msg} at column {err.colno})")
-                    yield loc, row, record, here, lineno
-                row += 1
-
 
 def parquet_rows(path: str, row: int) -> Iterator[tuple[str, int, Any]]:
     """(location, row, record) of a Parquet file from row `row`, starting at the row group that
@@ -271,6 +229,7 @@ class ExampleRefs(Sequence):
 
     @property
     def ids(self) -> list[str]:
+        """The pool's own list of ids (not a copy)."""
         return self.pool.ids
 
     def __repr__(self) -> str:
@@ -329,10 +288,10 @@ class StreamedPool(Pool):
         out_path = Path(out_path)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         keep = set(ids)
-        unknown = keep - set(self.ids)
+        chosen = [k for k, ex_id in enumerate(self.ids) if ex_id in keep]  # not a set of every id: ~40 B each
+        unknown = keep - {self.ids[k] for k in chosen}
         if unknown:
             raise ValueError(f"{len(unknown)} id(s) are not in the pool {self.path}, e.g. {sorted(unknown)[:3]}")
-        chosen = [k for k, ex_id in enumerate(self.ids) if ex_id in keep]
         rows = {self.rows[k] for k in chosen}
         if self.container == "disk":
             return _write_disk(self, sorted(rows), out_path)
@@ -435,4 +394,11 @@ def full_examples(examples: Sequence[Any]) -> Sequence[Any] | Iterator[Example]:
 
 
 def ids_of(examples: Sequence[Any]) -> list[str]:
-    return list(examples.ids) if isinstance(examples, ExampleRefs) else [ex.id for ex in examples]
+    """The ids of `examples` in order: a streamed pool's own list (shared, not copied: read it,
+    do not change it), any other's gathered."""
+    return examples.ids if isinstance(examples, ExampleRefs) else [ex.id for ex in examples]
+
+
+def sources_of(examples: Sequence[Any]) -> list[str]:
+    """The sources of `examples` in order, as `ids_of` gives their ids (a streamed pool's own list)."""
+    return examples.pool.sources if isinstance(examples, ExampleRefs) else [ex.source for ex in examples]

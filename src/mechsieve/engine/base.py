@@ -113,7 +113,8 @@ class Shard:
 
     @property
     def ids(self) -> list[str]:
-        return list(self.reader.ids) if self.reader is not None else [ex.id for ex in self.examples]
+        """The shard's ids in order (a streamed shard's: its reader's list, not a copy)."""
+        return self.reader.ids if self.reader is not None else [ex.id for ex in self.examples]
 
     def load(self) -> Shard:
         """This shard with its examples: a streamed shard's read by its reader, any other as it is."""

@@ -99,10 +99,17 @@ def check_rows(what: str, arrays: dict[str, Any], shards: list[Shard], examples:
     """Refuse a combined result whose shards do not cover `examples`' ids in order, or an array
     without one row per example (checked before anything is saved)."""
     ids = ids_of(examples)
-    covered = [i for s in shards for i in s.ids]
-    if covered != ids:
-        at = next((k for k, (a, b) in enumerate(zip(covered, ids)) if a != b), min(len(covered), len(ids)))
-        raise EngineError(f"{what}: the shards cover {len(covered)} ids, the pool has {len(ids)}, first difference "
+    at = 0  # shard by shard, so that no second list of the pool's ids is made
+    for s in shards:
+        mine = s.ids
+        if ids[at:at + len(mine)] != mine:
+            at += next((k for k, (a, b) in enumerate(zip(mine, ids[at:at + len(mine)])) if a != b),
+                       min(len(mine), len(ids) - at))
+            break
+        at += len(mine)
+    covered = sum(s.size for s in shards)
+    if at != len(ids) or covered != len(ids):
+        raise EngineError(f"{what}: the shards cover {covered} ids, the pool has {len(ids)}, first difference "
                           f"at position {at}; an engine bug, please report")
     for name, values in arrays.items():
         if values is not None and len(values) != len(ids):

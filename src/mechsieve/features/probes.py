@@ -163,15 +163,35 @@ def _direction(pos: np.ndarray, neg: np.ndarray, cfg: ConceptConfig, decoder: np
 
 
 def held_out_separation(pos: np.ndarray, neg: np.ndarray, cfg: ConceptConfig | None = None,
-                        decoder: np.ndarray | None = None) -> float | None:
+                        decoder: np.ndarray | None = None, groups: tuple[Sequence[Any], Sequence[Any]] | None = None
+                        ) -> float | None:
     """AUC-ROC of the concept score on a seeded held-out share (`cfg.holdout`) of `pos: [n, d]`
     and `neg: [m, d]`, the direction fitted on the rest; None with no hold-out or fewer than 2
-    examples on a side. The split depends only on the seed and the counts, so every layer of the
-    same examples is split alike."""
+    examples on a side. The split depends only on the seed, the counts and `groups`, so every
+    layer of the same examples is split alike.
+
+    `groups` (one label per positive, one per negative; e.g. the prompt): when a label occurs on
+    both sides (contrast pairs, the same prompt answered with and without the behaviour), the
+    split is by label, a seeded `holdout` share of the labels held out with all their examples.
+    Split side by side instead, a held-out positive's twin would train the direction as a
+    negative: everything prompt-specific in it then counts against the held-out positive, and
+    the separation of paired data reads far below what the direction does.
+    """
     cfg = cfg or ConceptConfig()
     if not (cfg.holdout > 0 and min(len(pos), len(neg)) >= 2):
         return None
     rng = np.random.default_rng(cfg.seed)
+    if groups is not None and set(map(str, groups[0])) & set(map(str, groups[1])):
+        gp, gn = np.array([str(g) for g in groups[0]]), np.array([str(g) for g in groups[1]])
+        if (len(gp), len(gn)) != (len(pos), len(neg)):
+            raise ValueError(f"groups: {len(gp)} and {len(gn)} labels for {len(pos)} positives and {len(neg)} negatives")
+        labels = np.unique(np.r_[gp, gn])
+        held_labels = labels[rng.permutation(len(labels))[:max(1, int(round(cfg.holdout * len(labels))))]]
+        hp, hn = np.isin(gp, held_labels), np.isin(gn, held_labels)
+        if not (hp.any() and hn.any() and (~hp).any() and (~hn).any()):
+            return None
+        held = Concept(_direction(pos[~hp], neg[~hn], cfg, decoder), 0)
+        return auc_roc(held.score(pos[hp]), held.score(neg[hn]))
     pos_perm, neg_perm = rng.permutation(len(pos)), rng.permutation(len(neg))
     kp = max(1, int(round(cfg.holdout * len(pos))))
     kn = max(1, int(round(cfg.holdout * len(neg))))
@@ -180,16 +200,16 @@ def held_out_separation(pos: np.ndarray, neg: np.ndarray, cfg: ConceptConfig | N
 
 
 def separation_by_layer(pos: np.ndarray, neg: np.ndarray, cfg: ConceptConfig | None = None,
-                        layers: Sequence[int] | None = None,
-                        decoder: np.ndarray | None = None) -> dict[int, float | None]:
+                        layers: Sequence[int] | None = None, decoder: np.ndarray | None = None,
+                        groups: tuple[Sequence[Any], Sequence[Any]] | None = None) -> dict[int, float | None]:
     """Held-out separation at each layer of `pos: [L, n, d]`, `neg: [L, m, d]` -> {block: AUC or
-    None}; `layers` names the L blocks (default 0..L-1)."""
+    None}; `layers` names the L blocks (default 0..L-1); `groups` as in `held_out_separation`."""
     if pos.ndim != 3 or neg.ndim != 3 or pos.shape[0] != neg.shape[0]:
         raise ValueError(f"separation_by_layer wants [L, n, d] and [L, m, d] arrays; got {pos.shape} and {neg.shape}")
     names = list(range(pos.shape[0])) if layers is None else [int(x) for x in layers]
     if len(names) != pos.shape[0]:
         raise ValueError(f"{len(names)} layer names for {pos.shape[0]} layers of activations")
-    return {name: held_out_separation(pos[k], neg[k], cfg, decoder) for k, name in enumerate(names)}
+    return {name: held_out_separation(pos[k], neg[k], cfg, decoder, groups) for k, name in enumerate(names)}
 
 
 def choose_layer(separations: dict[int, float | None]) -> int:
@@ -203,14 +223,16 @@ def choose_layer(separations: dict[int, float | None]) -> int:
 
 
 def fit_concept(pos: np.ndarray, neg: np.ndarray, layer: int, cfg: ConceptConfig | None = None,
-                decoder: np.ndarray | None = None, settings: dict[str, Any] | None = None) -> Concept:
+                decoder: np.ndarray | None = None, settings: dict[str, Any] | None = None,
+                groups: tuple[Sequence[Any], Sequence[Any]] | None = None) -> Concept:
     """A concept from mean response activations `pos: [n, d]` and `neg: [m, d]` at `layer`.
 
-    The separation score uses a direction fitted without the held-out examples; the returned
-    direction is then fitted on all of them. `separation_by_layer` has this one block.
+    The separation score uses a direction fitted without the held-out examples (split by
+    `groups` when they pair the sides, see `held_out_separation`); the returned direction is then
+    fitted on all of them. `separation_by_layer` has this one block.
     """
     cfg = cfg or ConceptConfig()
-    separation = held_out_separation(pos, neg, cfg, decoder)
+    separation = held_out_separation(pos, neg, cfg, decoder, groups)
     v = _direction(pos, neg, cfg, decoder)
     return Concept(v, layer, {**(settings or {}), "concept": to_dict(cfg)}, separation,
                    {"positive": int(len(pos)), "negative": int(len(neg))}, separation_by_layer={layer: separation})

@@ -24,6 +24,7 @@ Every pass (the concept's, the pool's, the sampled responses') renders with `ren
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -120,6 +121,11 @@ def _capture_mean_response(loaded: Any, examples: list[Example], layers: list[in
     return result.arrays["mean_response"], time.perf_counter() - start, result.n_response_tokens
 
 
+def prompt_key(example: Example) -> str:
+    """What pairs a positive with a negative concept example: the same prompt (its messages or text)."""
+    return json.dumps(example.prompt, sort_keys=True, ensure_ascii=False)
+
+
 def candidate_layers(loaded: Any, probe: ConceptConfig) -> list[int]:
     """The blocks a concept is read at: `probe.layers` under layer=auto, else `[probe.layer]`
     (non-negative, ascending)."""
@@ -134,7 +140,8 @@ def concept_settings(loaded: Any, positive: Pool, negative: Pool, src: ConceptSo
     blocks read, the rendering and both data fingerprints; `gate` only reports, so it is left out."""
     probe = {k: v for k, v in to_dict(src.probe).items() if k not in ("gate", "layers")}
     return {"probe": probe, "layers": candidate_layers(loaded, src.probe), "render": to_dict(render_config(src)),
-            "positive": positive.fingerprint(), "negative": negative.fingerprint()}
+            "positive": positive.fingerprint(), "negative": negative.fingerprint(),
+            "holdout_split": "by prompt when the sides share prompts"}
 
 
 def build_concept(loaded: Any, positive: Pool, negative: Pool, src: ConceptSource,
@@ -166,14 +173,17 @@ def build_concept(loaded: Any, positive: Pool, negative: Pool, src: ConceptSourc
     pos, _, n_pos = _capture_mean_response(loaded, positive.examples, layers, src, progress)
     neg, _, n_neg = _capture_mean_response(loaded, negative.examples, layers, src, progress)
     pos, neg = pos[n_pos > 0], neg[n_neg > 0]
+    # contrast pairs (one prompt answered both ways) are held out together: see held_out_separation
+    groups = ([prompt_key(ex) for ex, n in zip(positive.examples, n_pos) if n > 0],
+              [prompt_key(ex) for ex, n in zip(negative.examples, n_neg) if n > 0])
     decoder = load_decoder(src.probe.sae_decoder) if src.probe.method == "sae" else None
     seps = None
     layer = layers[0]
     if src.probe.layer == "auto":
-        seps = separation_by_layer(pos.transpose(1, 0, 2), neg.transpose(1, 0, 2), src.probe, layers, decoder)
+        seps = separation_by_layer(pos.transpose(1, 0, 2), neg.transpose(1, 0, 2), src.probe, layers, decoder, groups)
         layer = choose_layer(seps)
     k = layers.index(layer)
-    concept = fit_concept(pos[:, k], neg[:, k], layer, src.probe, decoder)
+    concept = fit_concept(pos[:, k], neg[:, k], layer, src.probe, decoder, groups=groups)
     if seps is not None:
         concept.separation_by_layer = seps
     concept.counts["dropped_without_response"] = int((n_pos == 0).sum() + (n_neg == 0).sum())

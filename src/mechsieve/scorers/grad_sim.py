@@ -130,7 +130,7 @@ class GradSim(ShardedScorer):
 
         cfg = self.config
         modules, proj = self.tracked(loaded, blocks, seed)
-        rendered, _ = render_pool(examples, loaded.tokenizer, render_config(cfg.max_len))
+        rendered, _ = render_pool(examples, loaded.tokenizer, render_config(cfg))
         return per_example_grads(loaded.model, rendered, modules, projector=proj, pad_id=pad_id(loaded.tokenizer),
                                  max_tokens=cfg.batch_size * cfg.max_len, max_batch=cfg.batch_size, progress=progress)
 

@@ -138,7 +138,7 @@ def kronfluence_scores(loaded: Any, pool: Pool, queries: Pool, measurement: Obje
     from mechsieve.models.loading import cache_root
     from mechsieve.store.cache import Cache
 
-    rcfg = render_config(cfg.max_len)
+    rcfg = render_config(cfg)
     rend, _ = render_pool(pool.examples, loaded.tokenizer, rcfg)
     q_rend, _ = render_pool(queries.examples, loaded.tokenizer, rcfg)
     order = sorted(range(len(rend)), key=lambda i: (-len(rend[i]), i))  # length-sorted batches
@@ -147,7 +147,7 @@ def kronfluence_scores(loaded: Any, pool: Pool, queries: Pool, measurement: Obje
         pick = np.random.default_rng(0).choice(len(order), cfg.factor_max_examples, replace=False)
         fit_order = sorted(pick.tolist(), key=lambda i: (-len(rend[i]), i))
     key = {"tracked": tracked, "strategy": cfg.strategy, "empirical_fisher": cfg.empirical_fisher,
-           "factor_max_examples": cfg.factor_max_examples, "max_len": cfg.max_len,
+           "factor_max_examples": cfg.factor_max_examples, "render": to_dict(rcfg),
            "seed": None if cfg.empirical_fisher else seed}
     entry = Cache(cache_root()).entry("influence", loaded.identity, pool.fingerprint(), key)
     entry.folder.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from mechsieve.select.budget import (
     ranking,
     union_ranking,
 )
-from mechsieve.select.pipeline import Selection, select_examples, write_selection
+from mechsieve.select.pipeline import Selection, select_examples, select_many, write_selection
 
 __all__ = ["Budget", "Selection", "SelectionError", "choose", "parse_budget", "ranking", "select_examples",
-           "union_ranking", "write_selection"]
+           "select_many", "union_ranking", "write_selection"]

@@ -15,8 +15,14 @@ from typing import Any
 import numpy as np
 
 from mechsieve.data.records import Pool
+from mechsieve.data.stream import ids_of, sources_of
 from mechsieve.scorers.registry import make_scorer
 from mechsieve.select.budget import SelectionError, choose, parse_budget
+
+SCORE_GROUP_ROWS = 4096
+"""Rows per row group of a scores table, which is built and written one row group at a time: the
+driver's memory for it is then the same for 10^4 examples as for 10^7 (~6 MB), where a whole table
+at once grew it by ~300 bytes an example, more than the ids and scores themselves."""
 
 
 @dataclass
@@ -40,9 +46,10 @@ class Selection:
 
     def counts_by_source(self, pool: Pool) -> dict[str, int]:
         """Selected examples per source, in the pool's order of sources."""
-        counts = {ex.source: 0 for ex in pool.examples}
-        for ex, chosen in zip(pool.examples, self.selected):
-            counts[ex.source] += int(chosen)
+        sources = sources_of(pool.examples)
+        counts = dict.fromkeys(sources, 0)
+        for source, chosen in zip(sources, self.selected):
+            counts[source] += int(chosen)
         return counts
 
 
@@ -117,7 +124,7 @@ def selection_from_result(method: str, scorer: Any, result: Any, pool: Pool, bud
     scores = np.asarray(result.scores, dtype=np.float64)
     if scores.shape != (len(pool.examples),):
         raise SelectionError(f"{method} returned scores of shape {scores.shape} for {len(pool.examples)} examples")
-    ids = [ex.id for ex in pool.examples]
+    ids = ids_of(pool.examples)
     use_order = order or scorer.order
     t1 = time.perf_counter()
     picked = choose(scores, ids, parsed, use_order, result.per_target)
@@ -134,24 +141,19 @@ def selection_from_result(method: str, scorer: Any, result: Any, pool: Pool, bud
 def write_selection(pool: Pool, sel: Selection, out_dir: str | Path, extra: dict[str, Any] | None = None
                     ) -> dict[str, Path]:
     """Write `scores.parquet`, then the subset (pool's own format) and `summary.json` under `out_dir`."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from mechsieve.data.writers import subset_filename, write_subset
-    from mechsieve.store.atomic import atomic_path, write_json
+    from mechsieve.store.atomic import write_json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = pa.table({
-        "id": [ex.id for ex in pool.examples],
-        "source": [ex.source for ex in pool.examples],
-        "score": pa.array(sel.scores, pa.float64()),
-        "rank": pa.array(sel.ranks, pa.int64()),
-        "selected": pa.array(sel.selected, pa.bool_()),
-    })
     # The scores first: they may have taken hours, and a subset that fails to write must not lose them.
-    with atomic_path(out / "scores.parquet") as tmp:
-        pq.write_table(table, tmp)
+    write_score_table(out / "scores.parquet", {
+        "id": ids_of(pool.examples),
+        "source": sources_of(pool.examples),
+        "score": np.asarray(sel.scores, dtype=np.float64),
+        "rank": np.asarray(sel.ranks, dtype=np.int64),
+        "selected": np.asarray(sel.selected, dtype=bool),
+    })
     try:
         subset = write_subset(pool, sel.ids, out / subset_filename(pool))
     except Exception as err:
@@ -168,3 +170,24 @@ def write_selection(pool: Pool, sel: Selection, out_dir: str | Path, extra: dict
     }
     write_json(out / "summary.json", summary)
     return {"subset": subset, "scores": out / "scores.parquet", "summary": out / "summary.json"}
+
+
+def write_score_table(path: Path, columns: dict[str, list[str] | np.ndarray]) -> Path:
+    """Write `columns` (name -> one value per pool example: a list of str, a string column; or a
+    numpy array, a column of its dtype) to the Parquet file `path`, atomically, `SCORE_GROUP_ROWS`
+    rows a row group built from slices of them (no per-example object is made). Without dictionary
+    encoding: ids, scores and ranks do not repeat, and a dictionary's buffers cost the writer
+    several MB a column (the file is no larger without)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mechsieve.store.atomic import atomic_path
+
+    schema = pa.schema([(name, pa.from_numpy_dtype(values.dtype) if isinstance(values, np.ndarray) else pa.string())
+                        for name, values in columns.items()])
+    n = len(next(iter(columns.values())))
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, use_dictionary=False) as writer:
+        for start in range(0, n, SCORE_GROUP_ROWS):
+            part = {name: values[start:start + SCORE_GROUP_ROWS] for name, values in columns.items()}
+            writer.write_table(pa.table(part, schema=schema))
+    return path
