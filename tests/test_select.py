@@ -100,6 +100,44 @@ def test_union_round_robin_over_targets():
     assert c.ranks.tolist() == [1, 3, 2, 4, 5]
 
 
+def tricky_ids(n: int, seed: int = 0) -> list[str]:
+    """Ids whose order needs care: prefixes, NUL, accents, astral and surrogate code points, long
+    shared prefixes, the empty id, repeats."""
+    rng = np.random.default_rng(seed)
+    letters = ["a", "b", "\x00", "é", "\U0001f600", "\ud800", "\ue000", "~", "0"]
+    ids = ["", "a", "a\x00", "a\x00b", "ab", "x" * 20, "x" * 20 + "a", "x" * 19, "pool-000000000012"]
+    ids += ["".join(rng.choice(letters, rng.integers(0, 20))) for _ in range(n)]
+    ids += ids[: n // 10]
+    return [ids[i] for i in rng.permutation(len(ids))]
+
+
+def test_ranking_from_compact_ids_is_the_reference_ranking(monkeypatch):
+    from mechsieve.data.packed import CompactIds
+    from mechsieve.select import budget
+
+    monkeypatch.setattr(budget, "FEW_TIES", 8)  # more tied ids than that are sorted from their bytes
+    ids = tricky_ids(300)
+    packed = CompactIds.of(ids)
+    by_id = np.empty(len(ids), dtype=np.int64)
+    by_id[sorted(range(len(ids)), key=lambda i: (ids[i], i))] = np.arange(len(ids))
+    rng = np.random.default_rng(1)
+    for levels in (1, 3, 40, 2000, 10**6):  # all tied (method full), many ties, some, few, none
+        scores = rng.integers(0, levels, len(ids)).astype(float)
+        scores[rng.random(len(ids)) < 0.1] = np.nan
+        for order in ("top", "bottom"):
+            key = np.where(np.isnan(scores), 0.0, -scores if order == "top" else scores)
+            rule = np.lexsort((by_id, key, np.isnan(scores)))  # score, then id (repeats: pool order)
+            np.testing.assert_array_equal(ranking(scores, ids, order), rule)
+            np.testing.assert_array_equal(ranking(scores, packed, order), rule)
+    which = rng.choice(len(ids), 40, replace=False)
+    assert np.argsort(packed.ranks(which)).tolist() == sorted(range(40), key=lambda j: (ids[which[j]], which[j]))
+    per = rng.integers(0, 5, (len(ids), 3)).astype(float)
+    seen, loop = set(), []
+    for row in np.stack([ranking(per[:, c], ids) for c in range(3)], axis=1):
+        loop += [int(i) for i in row if not (int(i) in seen or seen.add(int(i)))]
+    assert union_ranking(per, packed).tolist() == union_ranking(per, ids).tolist() == loop
+
+
 def test_select_examples_random_and_full():
     pool = make_pool(20)
     sel = select_examples("random", pool, 0.25, seed=3, progress=False)

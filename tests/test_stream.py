@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import gzip
 import json
+import pickle
 import weakref
 from pathlib import Path
 
@@ -15,8 +16,14 @@ import pytest
 
 from conftest import probe_pool, ray_test_session, write_jsonl
 from mechsieve.config import ConfigError
+from mechsieve.data.packed import CodedStrs, CompactIds, IdPacker
 from mechsieve.data.readers import DataConfig, DataError, read_pool
-from mechsieve.data.stream import StreamedPool, StreamError, scan_pool, wants_stream
+from mechsieve.data.stream import (
+    StreamedPool,
+    StreamError,
+    scan_pool,
+    wants_stream,
+)
 from mechsieve.data.writers import write_subset
 from mechsieve.engine import EngineConfig, EngineError, plan_shards, score_pool, select_pool
 from mechsieve.models.loading import ModelConfig, load_model
@@ -253,13 +260,52 @@ def test_the_driver_holds_an_id_and_a_few_numbers_per_example(tmp_path):
     driver_memory(tmp_path, 100)  # imports and first allocations (pyarrow's, the writers') are not the pool's
     small, large = driver_memory(tmp_path, 1000), driver_memory(tmp_path, 4000)
     held, beyond = ((b - a) / 3000 for a, b in zip(small, large))
-    # each example: its id (a str of 16 hex digits, ~65 bytes, and its pointer), a pointer to its
-    # interned source, its row, line and byte offset in arrays: ~107 bytes; an object per example
-    # (an ExampleRef, a dict) would add 100 or more
-    assert held < 125, held
-    # then its score, rank and mask, and the ranking's index arrays: ~46 bytes; a copy of the id
-    # list or a set of every id adds 8 to 40 (with both, before: ~70)
-    assert beyond < 60, beyond
+    # each example: its id's bytes and offset (CompactIds: 16 hex digits, ~24 bytes), its source's
+    # code (4), its row, line and byte offset in arrays (24): ~56 bytes; the ids as a list of str
+    # held ~107, an object per example (an ExampleRef, a dict) would add 100 or more
+    assert held < 65, held
+    # then its score, rank and mask, and the ranking's index arrays: ~30 bytes (Arrow's, outside
+    # tracemalloc, only for tied scores); a list of every id as str adds ~80 (before: ~46 with the
+    # ids' strs already held)
+    assert beyond < 40, beyond
+
+
+def test_packed_ids_and_sources_read_as_lists_of_str():
+    import pickle
+
+    ids = ["a", "", "café", "a\x00b", "\U0001f600", "\ud800", "x" * 300] + [f"id{i}" for i in range(600)]
+    packed = CompactIds.of(ids)
+    assert packed == ids and ids == packed and list(packed) == ids and len(packed) == len(ids)
+    assert packed[2] == "café" and packed[-1] == ids[-1] and packed[3:9] == ids[3:9] and packed[::50] == ids[::50]
+    assert packed != ids[:-1] and packed != [*ids[:-1], "other"]
+    with pytest.raises(IndexError):
+        packed[len(ids)]
+    view = packed.view(500, 510)
+    assert view == ids[500:510] and view.data is packed.data  # a window, no copy
+    sent = pickle.dumps(view)
+    assert pickle.loads(sent) == ids[500:510] and b"id100" not in sent and len(sent) < 1000  # only its own bytes
+    assert packed.arrow(600, 607).to_pylist() == ids[600:607]
+    with pytest.raises(DataError, match=r"id '\\ud800' holds a lone surrogate"):
+        packed.arrow(0, 7)
+
+    sources = CodedStrs(["math", "code"], np.array([0, 1, 1, 0, 1], dtype=np.intc))
+    assert sources == ["math", "code", "code", "math", "code"] and sources[1:3] == ["code", "code"]
+    assert sources.counts() == {"math": 2, "code": 3}
+    assert sources.counts(np.array([1, 0, 0, 0, 0], dtype=bool)) == {"math": 1, "code": 0}
+    assert sources.arrow(2, 5).to_pylist() == ["code", "math", "code"]
+
+
+def test_the_scan_renames_repeated_ids_as_read_pool_does():
+    from mechsieve.data.records import Example, make_unique_ids
+
+    # "a~2" in the data beside a renamed "a" stays a repeat, as make_unique_ids leaves it; 5000
+    # distinct ids grow the table of repeats several times
+    raw = ["a", "b", "a", "a~2", "a", "c"] * 50 + [f"id{i % 5000}" for i in range(12000)]
+    packer = IdPacker()
+    stored = [packer.add(x) for x in raw]
+    examples = [Example(x, "s", [], "r", {}) for x in raw]
+    assert packer.renamed == make_unique_ids(examples) > 0
+    assert stored == [ex.id for ex in examples] and packer.ids() == stored
 
 
 # --- the engine ----------------------------------------------------------------------------------
@@ -324,15 +370,17 @@ def test_commands_with_a_streamed_pool_write_what_they_write_in_memory(model_dir
     target = write_jsonl(tmp_path / "target.jsonl", [{"messages": [*ex.prompt, {"role": "assistant",
                                                       "content": ex.response}]} for ex in target_pool().examples])
     common = ["--pool", str(pool), "--model", str(model_dir), "--quiet", "--shard-size", "3"]
-    sel = ["select", "--method", "rds", "--target", str(target), "--budget", "3", *common]
+    sel = ["select", "--method", "rds", "--target", str(target), "--budget", "3", "--write-rejected", *common]
     assert main([*sel, "--out", str(tmp_path / "one"), "--no-stream"]) == 0
     assert "streaming the pool" not in capsys.readouterr().out
     assert main([*sel, "--out", str(tmp_path / "streamed"), "--stream"]) == 0
     assert "streaming the pool: 8 examples scanned" in capsys.readouterr().out
     one, streamed = (pd.read_parquet(tmp_path / d / "scores.parquet") for d in ("one", "streamed"))
     assert list(streamed["selected"]) == list(one["selected"]) and list(streamed["id"]) == list(one["id"])
+    assert list(streamed["source"]) == list(one["source"]) and list(streamed["rank"]) == list(one["rank"])
     np.testing.assert_array_equal(streamed["score"], one["score"])
-    assert (tmp_path / "streamed" / "selected.jsonl").read_bytes() == (tmp_path / "one" / "selected.jsonl").read_bytes()
+    for name in ("selected.jsonl", "rejected.jsonl"):
+        assert (tmp_path / "streamed" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
     # auto streams above the threshold
     assert main([*sel, "--out", str(tmp_path / "auto"), "--set", "engine.stream_above_mb=0"]) == 0
     assert "streaming the pool" in capsys.readouterr().out
@@ -365,8 +413,10 @@ def test_ray_shards_of_a_streamed_pool_carry_readers_not_examples(tmp_path):
     streamed = scan_pool(DataConfig(path=str(pool_file(tmp_path))))
     tables = shard_tables(plan_shards(streamed.examples, 3))
     assert len(tables) == 4 and all(t.num_rows == 1 and "example" not in t.column_names for t in tables)
-    blob = b"".join(t.column("reader")[0].as_py() for t in tables)
-    assert b"Natalia" not in blob and b"The answer" not in blob  # no text travels, only ids and places
+    blobs = [t.column("reader")[0].as_py() for t in tables]
+    assert not any(b"Natalia" in b or b"The answer" in b for b in blobs)  # no text travels, only ids and places
+    first = pickle.loads(blobs[0]).ids
+    assert first == streamed.ids[:3] and len(first.data) == sum(len(x.encode()) for x in streamed.ids[:3])
 
 
 @pytest.fixture(scope="module")

@@ -277,11 +277,13 @@ def score_and_select(cfg: Any, settings: dict[str, dict[str, Any]], pool: Any, t
 def write_rejected(pool: Any, sel: Any, folder: Path) -> Path:
     """The pool's examples that `sel` did not select, in the pool's format, as the subset is
     written (`rejected.jsonl` beside `selected.jsonl`); returns the file (or dataset folder)."""
-    from mechsieve.data.stream import ids_of
+    from mechsieve.data.stream import is_streamed
     from mechsieve.data.writers import subset_filename, write_subset
 
-    left = [ex_id for ex_id, chosen in zip(ids_of(pool.examples), sel.selected) if not chosen]
-    return write_subset(pool, left, folder / subset_filename(pool, "rejected"))
+    out = folder / subset_filename(pool, "rejected")
+    if is_streamed(pool):  # by position: most of the pool, no id made
+        return pool.write_chosen(~sel.selected, out)
+    return write_subset(pool, [ex.id for ex, chosen in zip(pool.examples, sel.selected) if not chosen], out)
 
 
 def write_several(pool: Any, selections: dict[str, Any], shared: dict[str, Any], out: str, extra: dict[str, Any]

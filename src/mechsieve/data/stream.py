@@ -7,7 +7,10 @@ in the split; for JSONL also the byte offset and line of that row); the fingerpr
 it goes, so it equals `read_pool(cfg).fingerprint()` and caches and shard folders key the same.
 The result, a `StreamedPool`, stands in for the `Pool` on the driver: its length, ids, sources,
 fingerprint and counts by source, and `examples` as light references (id, source, meta["row"])
-made on the fly. Reading an example's text from a reference raises `StreamError`: a method that
+made on the fly. The ids are one UTF-8 buffer with an offset each (`CompactIds`, sorted from the
+bytes when many scores tie) and the sources a small code each into the distinct ones
+(`CodedStrs`): no str per example is held (a list of 16-character ids costs ~81 bytes an id,
+this ~24). Reading an example's text from a reference raises `StreamError`: a method that
 needs the whole pool in memory is refused, not fed empty examples.
 
 `StreamedPool.shard_reader(start, stop)` is the picklable `ShardReader` of examples
@@ -27,17 +30,18 @@ What differs from `read_pool`: nothing in the examples; the driver no longer hol
 from __future__ import annotations
 
 import json
-import sys
 from array import array
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mechsieve.config import ConfigError, check_choice
 from mechsieve.data.hub import check_dataset_settings, parse_split, slice_rows
+from mechsieve.data.packed import CodedStrs, CompactIds, IdPacker
 from mechsieve.data.readers import (
     Converter,
     DataConfig,
@@ -151,37 +155,32 @@ def scan_pool(cfg: DataConfig, progress: bool = False) -> StreamedPool:
     from tqdm.auto import tqdm
 
     convert = Converter(cfg, container)
-    ids: list[str] = []
-    sources: list[str] = []
+    ids = IdPacker()
+    codes, names = array("i"), {}  # sources: a code each into the distinct ones, in order of appearance
     rows, offsets, lines = array("q"), array("q"), array("q")
-    seen: Counter[str] = Counter()
-    renamed = 0
     digest = sha256()
     with tqdm(desc="scan pool", unit="ex", disable=not progress, leave=False) as bar:
         for loc, row, record, offset, lineno in _scan_rows(cfg, container):
             example = convert(loc, row, record)
             if example is None:
                 continue
-            seen[example.id] += 1  # make_unique_ids, one example at a time
-            if seen[example.id] > 1:
-                example.id = f"{example.id}~{seen[example.id]}"
-                renamed += 1
+            example.id = ids.add(example.id)  # make_unique_ids, one example at a time
             digest.update(fingerprint_line(example))
-            ids.append(example.id)
-            sources.append(sys.intern(example.source))
+            codes.append(names.setdefault(example.source, len(names)))
             rows.append(row)
             offsets.append(offset)
             lines.append(lineno)
             bar.update()
             if cfg.limit and len(ids) >= cfg.limit:
                 break
-    if not ids:
+    if not len(ids):
         skipped = convert.skipped
         why = f"; {len(skipped)} record(s) skipped as invalid, first: {skipped[0]}" if skipped else ""
         raise DataError(f"{cfg.path}: no records{why}")
-    return StreamedPool(cfg, container, convert.fmt or "auto", ids, sources, rows,
+    sources = CodedStrs(list(names), np.frombuffer(codes, dtype=np.intc))
+    return StreamedPool(cfg, container, convert.fmt or "auto", ids.ids(), sources, rows,
                         offsets if container == "jsonl" else None, lines if container == "jsonl" else None,
-                        digest.hexdigest()[:16], convert.skipped, renamed)
+                        digest.hexdigest()[:16], convert.skipped, ids.renamed)
 
 
 class ExampleRef:
@@ -224,12 +223,12 @@ class ExampleRefs(Sequence):
 
     def __iter__(self) -> Iterator[ExampleRef]:
         p = self.pool
-        for i in range(len(p.ids)):
-            yield ExampleRef(p.ids[i], p.sources[i], p.rows[i])
+        for ex_id, source, row in zip(p.ids, p.sources, p.rows):
+            yield ExampleRef(ex_id, source, row)
 
     @property
-    def ids(self) -> list[str]:
-        """The pool's own list of ids (not a copy)."""
+    def ids(self) -> CompactIds:
+        """The pool's own ids (not a copy)."""
         return self.pool.ids
 
     def __repr__(self) -> str:
@@ -240,7 +239,7 @@ class StreamedPool(Pool):
     """A pool known by its scan (see the module docstring): a `Pool` whose `examples` are
     ExampleRefs; `shard_reader` and `iter_examples` read the examples themselves."""
 
-    def __init__(self, config: DataConfig, container: str, fmt: str, ids: list[str], sources: list[str],
+    def __init__(self, config: DataConfig, container: str, fmt: str, ids: CompactIds, sources: CodedStrs,
                  rows: array, offsets: array | None, lines: array | None, fingerprint: str,
                  skipped: list[str], duplicate_ids: int) -> None:
         self.config = config
@@ -260,7 +259,7 @@ class StreamedPool(Pool):
         return self._fingerprint
 
     def counts_by_source(self) -> dict[str, int]:
-        return dict(Counter(self.sources))
+        return self.sources.counts()
 
     def subset(self, ids: list[str] | set[str]) -> Pool:
         raise StreamError("a streamed pool is not subset in memory; write the subset (write_subset) and read it")
@@ -271,7 +270,7 @@ class StreamedPool(Pool):
             raise ValueError(f"examples [{start}, {stop}) are not within the pool's {len(self.ids)}")
         offset = self.offsets[start] if self.offsets is not None else -1
         lineno = self.lines[start] if self.lines is not None else 0
-        return ShardReader(self.config, self.container, self.format, self.ids[start:stop], self.rows[start],
+        return ShardReader(self.config, self.container, self.format, self.ids.view(start, stop), self.rows[start],
                            self.rows[stop - 1] + 1, offset, lineno)
 
     def iter_examples(self, start: int = 0, stop: int | None = None) -> Iterator[Example]:
@@ -282,42 +281,48 @@ class StreamedPool(Pool):
     def write_subset(self, ids: list[str] | set[str], out_path: str | Path) -> Path:
         """`writers.write_subset` for this pool, the records read again one at a time: the same
         file as the in-memory pool's subset (Parquet: the same table, in row groups of its own)."""
+        keep = set(ids)
+        chosen = np.fromiter((ex_id in keep for ex_id in self.ids), dtype=bool, count=len(self.ids))
+        if len(keep) > int(chosen.sum()):
+            unknown = keep - {self.ids[k] for k in np.flatnonzero(chosen).tolist()}
+            raise ValueError(f"{len(unknown)} id(s) are not in the pool {self.path}, e.g. {sorted(unknown)[:3]}")
+        return self.write_chosen(chosen, out_path)
+
+    def write_chosen(self, chosen: np.ndarray, out_path: str | Path) -> Path:
+        """The subset of the examples `chosen` [n] bool marks (`write_subset` by position: no id is
+        made, so that the rejected examples, most of the pool, are written as cheaply)."""
         from mechsieve.data.writers import _write_csv, _write_disk, example_to_messages
         from mechsieve.store.atomic import atomic_path
 
         out_path = Path(out_path)
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        keep = set(ids)
-        chosen = [k for k, ex_id in enumerate(self.ids) if ex_id in keep]  # not a set of every id: ~40 B each
-        unknown = keep - {self.ids[k] for k in chosen}
-        if unknown:
-            raise ValueError(f"{len(unknown)} id(s) are not in the pool {self.path}, e.g. {sorted(unknown)[:3]}")
-        rows = {self.rows[k] for k in chosen}
+        rows = np.frombuffer(self.rows, dtype=np.int64)[np.asarray(chosen, dtype=bool)]
+        last = int(rows.max(initial=-1))
+        wanted = np.zeros(last + 1, dtype=bool)  # by row of the split
+        wanted[rows] = True
         if self.container == "disk":
-            return _write_disk(self, sorted(rows), out_path)
+            return _write_disk(self, np.flatnonzero(wanted).tolist(), out_path)
         if self.container == "parquet":
-            return self._write_parquet(rows, out_path)
+            return self._write_parquet(wanted, out_path)
         if self.container in ("jsonl", "csv"):
-            last = max(rows, default=-1)
-
             def records() -> Iterator[Any]:
                 for _, row, record in iter_raw(self.path, self.container, self.config.split, self.encoding):
                     if row > last:
                         return
-                    if row in rows:
+                    if wanted[row]:
                         yield record
 
             if self.container == "csv":
                 return _write_csv(out_path, list(records()))
             lines: Iterator[Any] = records()
         else:  # datasets folders and hub ids: chat messages, as writers does for them
-            lines = (example_to_messages(ex) for ex in self.iter_examples() if ex.id in keep)
+            lines = (example_to_messages(ex) for ex, keep in zip(self.iter_examples(), chosen) if keep)
         with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
             for record in lines:
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
         return out_path
 
-    def _write_parquet(self, rows: set[int], out_path: Path) -> Path:
+    def _write_parquet(self, wanted: np.ndarray, out_path: Path) -> Path:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -328,9 +333,9 @@ class StreamedPool(Pool):
             with pq.ParquetWriter(tmp, pf.schema_arrow) as writer:
                 first = 0
                 for batch in pf.iter_batches(batch_size=4096):
-                    take = [r - first for r in range(first, first + batch.num_rows) if r in rows]
+                    take = np.flatnonzero(wanted[first:first + batch.num_rows])
                     first += batch.num_rows
-                    if take:
+                    if len(take):
                         writer.write_table(pa.Table.from_batches([batch.take(pa.array(take, pa.int64()))],
                                                                  schema=pf.schema_arrow))
         return out_path
@@ -340,12 +345,13 @@ class StreamedPool(Pool):
 class ShardReader:
     """Reads the examples `ids` of a streamed pool: from its record at `row` (JSONL: at byte
     `offset`, line `lineno`) up to row `stop_row`, converted as the scan converted them (layout
-    `format`). Picklable: it is what a Ray actor gets instead of the examples."""
+    `format`). Picklable: it is what a Ray actor gets instead of the examples (`ids`, a view on
+    the pool's, then carries only the shard's bytes)."""
 
     config: DataConfig
     container: str
     format: str
-    ids: list[str]
+    ids: CompactIds
     row: int
     stop_row: int
     offset: int = -1
@@ -393,12 +399,12 @@ def full_examples(examples: Sequence[Any]) -> Sequence[Any] | Iterator[Example]:
     return examples.pool.iter_examples() if isinstance(examples, ExampleRefs) else examples
 
 
-def ids_of(examples: Sequence[Any]) -> list[str]:
-    """The ids of `examples` in order: a streamed pool's own list (shared, not copied: read it,
-    do not change it), any other's gathered."""
+def ids_of(examples: Sequence[Any]) -> Sequence[str]:
+    """The ids of `examples` in order: a streamed pool's own `CompactIds` (shared, not copied; a
+    str made per id read), any other's gathered in a list."""
     return examples.ids if isinstance(examples, ExampleRefs) else [ex.id for ex in examples]
 
 
-def sources_of(examples: Sequence[Any]) -> list[str]:
-    """The sources of `examples` in order, as `ids_of` gives their ids (a streamed pool's own list)."""
+def sources_of(examples: Sequence[Any]) -> Sequence[str]:
+    """The sources of `examples` in order, as `ids_of` gives their ids (a streamed pool's own `CodedStrs`)."""
     return examples.pool.sources if isinstance(examples, ExampleRefs) else [ex.source for ex in examples]

@@ -112,8 +112,8 @@ class Shard:
         return self.start + self.size
 
     @property
-    def ids(self) -> list[str]:
-        """The shard's ids in order (a streamed shard's: its reader's list, not a copy)."""
+    def ids(self) -> Sequence[str]:
+        """The shard's ids in order (a streamed shard's: its reader's CompactIds, not a copy)."""
         return self.reader.ids if self.reader is not None else [ex.id for ex in self.examples]
 
     def load(self) -> Shard:

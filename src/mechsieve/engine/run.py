@@ -357,7 +357,7 @@ def capture_sharded(model: Any, pool: Any, cfg: Any, render_cfg: Any, out_dir: s
         rstats.fallback_ids.extend(r.get("fallback_ids", []))
     plan = BatchPlan([[] for _ in range(stats.batches)], stats.real_tokens, stats.padded_tokens)
     result = CaptureResult(arrays, outputs[0].meta["layers"], n_resp, plan, stats)
-    save_capture(out_dir, result, settings, ids_of(pool.examples))
+    save_capture(out_dir, result, settings, list(ids_of(pool.examples)))
     if not engine.keep_shards:
         store.remove()
     return result, {"render": rstats.summary(), "truncated": rstats.truncated, "cached": False, "engine": report}

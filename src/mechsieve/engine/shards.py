@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,7 @@ class ShardStore:
     def marker(self, k: int) -> dict[str, Any]:
         return json.loads(self.path(k, ".done").read_text())
 
-    def write(self, k: int, output: ShardOutput, seconds: float = 0.0, ids: list[str] | None = None) -> None:
+    def write(self, k: int, output: ShardOutput, seconds: float = 0.0, ids: Sequence[str] | None = None) -> None:
         """Shard `k`'s arrays, then its meta, then its marker (with the `ids` it covers); each file
         atomically."""
         _save_arrays(self.path(k, ".safetensors"), output.arrays)
@@ -110,7 +110,7 @@ class ShardStore:
                                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                            **({"ids": list(ids)} if ids is not None else {})})
 
-    def read(self, k: int, ids: list[str] | None = None) -> ShardOutput:
+    def read(self, k: int, ids: Sequence[str] | None = None) -> ShardOutput:
         """Shard `k`'s output; given the `ids` of the plan's shard `k`, refuse a shard of others."""
         if not self.path(k, ".done").exists():
             raise FileNotFoundError(f"{self.path(k, '.done')}: shard {k} is not finished")

@@ -19,6 +19,7 @@ from typing import Literal
 import numpy as np
 
 from mechsieve.config import check_choice
+from mechsieve.data.packed import CompactIds
 
 
 class SelectionError(ValueError):
@@ -90,18 +91,53 @@ def parse_budget(budget: float | int | str | Budget) -> Budget:
     return Budget("fraction", value)
 
 
+FEW_TIES = 4096
+"""Tied ids `id_ranks` sorts as strs up to this many (~330 KB of them) even for a streamed pool:
+sorting a few with Arrow costs more (~1 MB of RSS on its first use) than making them."""
+
+
+def id_ranks(ids: Sequence[str], which: np.ndarray) -> np.ndarray:
+    """[len(which)] int64 keys of the ids at positions `which` that order them as `sorted` orders
+    the strs (code point by code point), equal ids by position (a repeat that `make_unique_ids`
+    could not rename away: "a~2" in the data beside a renamed "a"). More than `FEW_TIES` of a
+    streamed pool's (data.stream.CompactIds) from their bytes, without a str per id; any others by
+    sorting the strs (the reference)."""
+    if isinstance(ids, CompactIds) and len(which) > FEW_TIES:
+        return ids.ranks(which)
+    at = which.tolist()
+    order = sorted(range(len(at)), key=lambda j: (ids[at[j]], at[j]))
+    ranks = np.empty(len(at), dtype=np.int64)
+    ranks[order] = np.arange(len(at))
+    return ranks
+
+
 def ranking(scores: np.ndarray, ids: Sequence[str], order: str = "top") -> np.ndarray:
-    """Indices best first: by score (descending for top, ascending for bottom), ties by id."""
+    """Indices best first: by score (descending for top, ascending for bottom), ties by id. Only
+    the ids of tied scores are compared (`id_ranks`): no list of every id is made."""
     check_choice("select.order", order, ("top", "bottom"))
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 1 or len(scores) != len(ids):
         raise SelectionError(f"{scores.shape} scores for {len(ids)} examples")
-    missing = np.isnan(scores)  # could not be scored (e.g. no response token): last, never selected
-    id_rank = np.argsort(np.asarray(list(ids), dtype=object), kind="stable")
-    by_id = np.empty(len(ids), dtype=np.int64)
-    by_id[id_rank] = np.arange(len(ids))
+    idx, run_start = _by_score(scores, order)
+    tied = ~run_start  # in a run of two or more equal scores: not its first, or followed by one of it
+    tied[:-1] |= ~run_start[1:]
+    if tied.any():
+        members = idx[tied]
+        run = np.cumsum(run_start[tied])  # which run of ties, counted over the tied only
+        idx[tied] = members[np.lexsort((id_ranks(ids, members), run))]
+    return idx
+
+
+def _by_score(scores: np.ndarray, order: str) -> tuple[np.ndarray, np.ndarray]:
+    """Indices by score alone (a stable sort: tied scores in pool order), and along them [n] bool
+    where each run of equal scores starts (NaN, "could not be scored": last, one run)."""
+    missing = np.isnan(scores)
     key = np.where(missing, 0.0, -scores if order == "top" else scores)
-    return np.lexsort((by_id, key, missing))
+    idx = np.lexsort((key, missing))
+    key, missing = key[idx], missing[idx]
+    run_start = np.ones(len(idx), dtype=bool)
+    run_start[1:] = (key[1:] != key[:-1]) | (missing[1:] != missing[:-1])
+    return idx, run_start
 
 
 def union_ranking(per_target: np.ndarray, ids: Sequence[str], order: str = "top") -> np.ndarray:
@@ -112,14 +148,9 @@ def union_ranking(per_target: np.ndarray, ids: Sequence[str], order: str = "top"
     orders = [ranking(per_target[:, c], ids, order) for c in range(per_target.shape[1])]
     if len(orders) == 1:
         return orders[0]
-    seen = np.zeros(len(ids), dtype=bool)
-    out: list[int] = []
-    for row in np.stack(orders, axis=1):  # row r: the r-th best of each target
-        for i in row:
-            if not seen[i]:
-                seen[i] = True
-                out.append(int(i))
-    return np.asarray(out, dtype=np.int64)
+    turns = np.stack(orders, axis=1).ravel()  # the best of each target, then the second best of each, ...
+    _, first = np.unique(turns, return_index=True)  # each example's first turn
+    return turns[np.sort(first)]
 
 
 @dataclass

@@ -8,12 +8,14 @@ explanations, timings and settings); `write_selection` writes it in the pool's o
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mechsieve.data.packed import CodedStrs, PackedStrs
 from mechsieve.data.records import Pool
 from mechsieve.data.stream import ids_of, sources_of
 from mechsieve.scorers.registry import make_scorer
@@ -47,6 +49,8 @@ class Selection:
     def counts_by_source(self, pool: Pool) -> dict[str, int]:
         """Selected examples per source, in the pool's order of sources."""
         sources = sources_of(pool.examples)
+        if isinstance(sources, CodedStrs):  # a streamed pool's: counted from the codes
+            return sources.counts(self.selected)
         counts = dict.fromkeys(sources, 0)
         for source, chosen in zip(sources, self.selected):
             counts[source] += int(chosen)
@@ -129,7 +133,7 @@ def selection_from_result(method: str, scorer: Any, result: Any, pool: Pool, bud
     t1 = time.perf_counter()
     picked = choose(scores, ids, parsed, use_order, result.per_target)
     t_select = time.perf_counter() - t1
-    chosen = [ids[i] for i in picked.order if picked.selected[i]]
+    chosen = [ids[i] for i in picked.order[picked.selected[picked.order]].tolist()]
     timings = {**{k: round(float(v), 4) for k, v in result.timings.items()},
                "score_total": round(score_seconds, 4), "select": round(t_select, 4)}
     settings = {"method": method, "budget": budget if not isinstance(budget, np.generic) else budget.item(),
@@ -172,10 +176,11 @@ def write_selection(pool: Pool, sel: Selection, out_dir: str | Path, extra: dict
     return {"subset": subset, "scores": out / "scores.parquet", "summary": out / "summary.json"}
 
 
-def write_score_table(path: Path, columns: dict[str, list[str] | np.ndarray]) -> Path:
-    """Write `columns` (name -> one value per pool example: a list of str, a string column; or a
-    numpy array, a column of its dtype) to the Parquet file `path`, atomically, `SCORE_GROUP_ROWS`
-    rows a row group built from slices of them (no per-example object is made). Without dictionary
+def write_score_table(path: Path, columns: dict[str, Sequence[str] | np.ndarray]) -> Path:
+    """Write `columns` (name -> one value per pool example: a sequence of str, a string column; or
+    a numpy array, a column of its dtype) to the Parquet file `path`, atomically, `SCORE_GROUP_ROWS`
+    rows a row group built from slices of them (a streamed pool's ids and sources, data.stream's
+    PackedStrs, from their buffers: no per-example object is made). Without dictionary
     encoding: ids, scores and ranks do not repeat, and a dictionary's buffers cost the writer
     several MB a column (the file is no larger without)."""
     import pyarrow as pa
@@ -188,6 +193,8 @@ def write_score_table(path: Path, columns: dict[str, list[str] | np.ndarray]) ->
     n = len(next(iter(columns.values())))
     with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, use_dictionary=False) as writer:
         for start in range(0, n, SCORE_GROUP_ROWS):
-            part = {name: values[start:start + SCORE_GROUP_ROWS] for name, values in columns.items()}
+            stop = min(start + SCORE_GROUP_ROWS, n)
+            part = {name: values.arrow(start, stop) if isinstance(values, PackedStrs) else values[start:stop]
+                    for name, values in columns.items()}
             writer.write_table(pa.table(part, schema=schema))
     return path
