@@ -23,8 +23,12 @@ def test_demo_runs_every_step_and_its_report_has_every_text(tmp_path, tokenizer,
     printed = capsys.readouterr().out
     lines = printed.splitlines()
     steps = [line.split("]")[0] + "]" for line in lines if line.startswith("[")]
-    assert steps == [f"[{i}]" for i in range(1, 9)]
+    assert steps == [f"[{i}]" for i in range(1, 10)]
     assert (out / "report.html").exists() and str(out / "report.html") in printed
+    # [8] attribution: `mechsieve attribute` on the bundled chmod pool, its command printed
+    assert "mechsieve attribute --data " in printed and "--label-field planted" in printed
+    ranking = [json.loads(line) for line in (out / "attribute" / "ranking.jsonl").read_text().splitlines()]
+    assert len(ranking) == 40 and sum(r["label"] for r in ranking) == 8
 
     # the mixed pool is one file (96 bundled samples: GSM8K, MedQA, MBPP), recorded by every run,
     # so the report command finds every text from the run folders alone; read back, it keeps its sources
@@ -86,10 +90,12 @@ def test_demo_runs_every_step_and_its_report_has_every_text(tmp_path, tokenizer,
 
     page = (out / "report.html").read_text()
     assert 'data-kind="experiment"' in page and "written by" in page and "mechsieve demo" in page
+    assert 'data-kind="attribution"' in page  # the attribution ranking, texts from the chmod pool
     assert "template share" in page  # the IGDS feature table has its column
     assert f"{loop['nait'][key]:.4f}"[:5] in page
 
-    folders = [str(out / name) for name in ("select-nait", "select-random", "select-igds", "mask-tokens", "loop")]
+    folders = [str(out / name) for name in ("select-nait", "select-random", "select-igds", "mask-tokens", "loop",
+                                            "attribute")]
     assert main(["report", *folders, "--out", str(tmp_path / "again.html")]) == 0
     said = capsys.readouterr()
     assert "not shown" not in said.out + said.err and "are not in" not in said.out + said.err

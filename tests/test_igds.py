@@ -127,11 +127,11 @@ def test_igds_pipeline_against_manual_computation(loaded, sae, tmp_path):
     # each kept latent's delta is the base dev loss minus its best steered loss
     rendered = [render_example(ex, loaded.tokenizer, RenderConfig(max_len=64)) for ex in target.examples]
     base = dev_loss(loaded, rendered, sae, None, 1.0, scorer.config)
-    assert res.explanations["base_dev_metric"] == pytest.approx(base, abs=1e-6)
+    assert res.explanations["base_dev_metric"] == pytest.approx(base, abs=5e-6)  # rounded to 6 places; float32 sums
     assert dev_loss(loaded, rendered, sae, int(kept[0]), 1.0, scorer.config) == base
     row = table[0]
     steered = dev_loss(loaded, rendered, sae, row["feature"], row["best_alpha"], scorer.config)
-    assert row["delta"] == pytest.approx(base - steered, abs=1e-6)
+    assert row["delta"] == pytest.approx(base - steered, abs=5e-6)
     assert res.explanations["fallback"] == (row["delta"] <= 0)
     assert row["freq"] == pytest.approx(float((lat_t[:, row["feature"]] > 0).mean()), abs=1e-4)
     assert all("[[" in s["text"] for s in row["snippets"])
