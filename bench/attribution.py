@@ -49,7 +49,6 @@ from harness import ROOT, Results, beats_by, spread
 from harness.pools import INSECURE_MODE, chmod_code, insecure_code, planted_mistakes
 
 CONCEPTS = ROOT / "runs" / "bench" / "attribution"
-GRADIENT = ("grad-sim", "influence", "concept-influence")
 
 
 def prompt_only(examples, labels, seed: int, permutations: int = 0) -> dict:

@@ -181,10 +181,13 @@ def held_out_separation(pos: np.ndarray, neg: np.ndarray, cfg: ConceptConfig | N
     if not (cfg.holdout > 0 and min(len(pos), len(neg)) >= 2):
         return None
     rng = np.random.default_rng(cfg.seed)
-    if groups is not None and set(map(str, groups[0])) & set(map(str, groups[1])):
+    if groups is not None:
         gp, gn = np.array([str(g) for g in groups[0]]), np.array([str(g) for g in groups[1]])
         if (len(gp), len(gn)) != (len(pos), len(neg)):
             raise ValueError(f"groups: {len(gp)} and {len(gn)} labels for {len(pos)} positives and {len(neg)} negatives")
+        if not np.intersect1d(gp, gn).size:  # no contrast pairs: the side-by-side split below
+            groups = None
+    if groups is not None:
         labels = np.unique(np.r_[gp, gn])
         held_labels = labels[rng.permutation(len(labels))[:max(1, int(round(cfg.holdout * len(labels))))]]
         hp, hn = np.isin(gp, held_labels), np.isin(gn, held_labels)
