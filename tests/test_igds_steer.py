@@ -27,6 +27,7 @@ from mechsieve.scorers.igds_steer import (
     not_first_token,
     reference_evaluator,
     steering,
+    stop_after,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -155,6 +156,67 @@ def test_interventional_filter_rounds_against_a_table_of_metrics():
     assert keep_features(none.deltas, "positive", 9, none.control_q, "stop")[0].tolist() == [0, 2]
 
 
+def test_stop_after_is_where_the_quantile_starts():
+    # linear quantile of n sorted values starts at index floor(q (n - 1)): 8 at 0.95 -> 6.65, so the
+    # 2 largest decide; 4 at 0.75 -> 2.25, 2 decide; 1 -> 1. 5 at 0.5 -> 2.0 exactly: 3 would do, 4
+    # are asked (an index on an integer counts one more, so float rounding never stops too early)
+    assert [stop_after(8, 0.95), stop_after(4, 0.75), stop_after(5, 0.5), stop_after(1, 0.95)] == [2, 2, 4, 1]
+    rng = np.random.default_rng(0)
+    for n in range(1, 12):
+        for q in (0.5, 0.75, 0.9, 0.95):
+            m = stop_after(n, q)
+            v = rng.random(n)
+            delta = np.sort(v)[-m]  # exactly m values >= delta: the quantile must be >= delta
+            assert np.quantile(v, q) >= delta, (n, q)
+
+
+def test_control_stop_keeps_what_every_control_keeps_for_fewer_pairs():
+    """Random fake metrics, 40 candidates, 8 controls at q = 0.95: the early-stopped round 2 keeps
+    the same latents (and the exact quantiles of those it keeps) while evaluating fewer pairs."""
+    rng = np.random.default_rng(3)
+    feats = np.arange(100, 140)
+    alphas = [2.0, 5.0, 10.0]
+    table = {}
+
+    def evaluate(pairs: SteerPairs) -> np.ndarray:
+        out = []
+        for j, a, k in zip(pairs.features.tolist(), pairs.alphas.tolist(), pairs.controls.tolist()):
+            if a == 1.0:
+                out.append(2.0)
+                continue
+            key = (j, a, k)
+            if key not in table:  # latents 100-104 help a lot; the rest are noise like the controls
+                table[key] = 2.0 - (0.05 if (k < 0 and j < 105) else 0.0) + 0.02 * rng.standard_normal()
+            out.append(table[key])
+        return np.array(out)
+
+    full = interventional_filter(evaluate, feats, alphas, -1.0, 8, 0.95, "positive", 10)
+    fast = interventional_filter(evaluate, feats, alphas, -1.0, 8, 0.95, "positive", 10, control_stop=True)
+    np.testing.assert_array_equal(fast.deltas, full.deltas)
+    kept_full = keep_features(full.deltas, "positive", 10, full.control_q, "stop")[0]
+    kept_fast = keep_features(fast.deltas, "positive", 10, fast.control_q, "stop")[0]
+    assert kept_fast.tolist() == kept_full.tolist()
+    assert set(feats[kept_fast].tolist()) >= {100, 101, 102, 103, 104} and len(kept_fast) < 20
+    np.testing.assert_allclose(fast.control_q[kept_fast], full.control_q[kept_fast])
+    assert (fast.controls_run[kept_fast] == 8).all()
+    positive = full.deltas > 0
+    stopped = positive & (fast.controls_run < 8)
+    assert stopped.sum() > 10 and fast.pairs < full.pairs
+    assert fast.pairs == 1 + 40 * 3 + 3 * int(fast.controls_run.sum())
+    # an early-stopped candidate's control_q: the 2nd largest of its controls run, at or above its delta
+    for c in np.flatnonzero(stopped):
+        ran = fast.control_deltas[c, :fast.controls_run[c]]
+        assert fast.control_q[c] == np.sort(ran)[-2] and fast.control_q[c] >= fast.deltas[c]
+        assert np.isnan(fast.control_deltas[c, fast.controls_run[c]:]).all()
+    rows = fast.table(feats, kept_fast, False)
+    c = int(np.flatnonzero(stopped)[0])
+    assert rows[c]["why"].startswith("dropped: delta <= the controls' 0.95 quantile (decided after")
+    assert rows[c]["controls_run"] == int(fast.controls_run[c])
+    # keep=top ignores control_stop: all controls of the keep_top best
+    top = interventional_filter(evaluate, feats, alphas, -1.0, 8, 0.95, "top", 4, control_stop=True)
+    assert top.pairs == 1 + 40 * 3 + 4 * 8 * 3
+
+
 def test_keep_features_stop_and_fallback():
     deltas, q = np.array([0.02, -0.1, 0.01]), np.array([0.03, np.nan, 0.05])
     with pytest.raises(ScorerError, match=r"none by more than its random-direction controls.*scorer\.keep=top"):
@@ -269,6 +331,26 @@ def test_igds_batched_and_reference_agree_end_to_end(loaded, sae, tmp_path):
     assert a["base_dev_metric"] == pytest.approx(b["base_dev_metric"], abs=1e-5)
     assert a["filtering"]["forwards"] < b["filtering"]["forwards"]
     np.testing.assert_allclose(out["batched"].scores, out["reference"].scores, rtol=1e-6)
+
+
+def test_igds_control_stop_end_to_end_keeps_the_same_latents(loaded, sae, tmp_path):
+    """keep=positive with 8 controls at q = 0.95 (none_kept=best, so the run goes on whatever
+    passes): stopping the controls early keeps the same latents and gives the same scores, for
+    fewer pairs."""
+    folder = write_sae(tmp_path / "sae", sae)
+    target, pool = pool_of(QA[:3] + QA[5:], "target"), pool_of(QA, "pool")
+    out = {}
+    for stop in (False, True):
+        s = igds_settings(folder, controls=8, control_stop=stop, none_kept="best", alphas=[2.0, 5.0])
+        out[stop] = make_scorer("igds", s).score(pool, target=target, loaded=loaded, progress=False)
+    full, fast = (out[k].explanations for k in (False, True))
+    assert fast["kept"] == full["kept"] and fast["filtering"]["control_stop"] is True
+    np.testing.assert_array_equal(out[True].scores, out[False].scores)
+    assert fast["filtering"]["pairs"] < full["filtering"]["pairs"], (fast["filtering"], full["filtering"])
+    for ra, rb in zip(fast["filtering"]["candidates"], full["filtering"]["candidates"]):
+        assert ra["delta"] == rb["delta"] and ra["kept"] == rb["kept"]
+        if ra["kept"]:
+            assert ra["control_q"] == rb["control_q"] and ra["controls_run"] == 8
 
 
 def test_select_command_stops_in_one_line_and_goes_on_with_keep_top(model_dir, tmp_path, capsys):

@@ -416,7 +416,10 @@ class Filtering:
     """Interventional filtering of `c` candidate latents: each one's best delta over the alphas
     (`deltas` [c]) and that alpha, the unsteered dev metric, its controls' deltas (best over the
     alphas likewise; [c, controls], nan where none ran) and their `quantile` (`control_q` [c]),
-    and the work: steering pairs evaluated and model forwards (early-stopped ones included)."""
+    and the work: steering pairs evaluated and model forwards (early-stopped ones included).
+    `controls_run` [c]: controls evaluated per candidate; where fewer than all ran (`control_stop`),
+    `control_q` is the `stop_after`-th largest of them, a lower bound of the quantile that is
+    already at or above the candidate's delta."""
 
     deltas: np.ndarray
     best_alpha: np.ndarray
@@ -426,6 +429,7 @@ class Filtering:
     quantile: float
     pairs: int
     forwards: int = 0
+    controls_run: np.ndarray | None = None
 
     def table(self, features: np.ndarray, kept_idx: np.ndarray, fallback: bool) -> list[dict[str, Any]]:
         """Per candidate: delta, best alpha, the controls' quantile, kept or dropped and why."""
@@ -441,11 +445,21 @@ class Filtering:
                 why = "dropped: delta <= 0"
             elif not np.isnan(q) and delta <= q:
                 why = f"dropped: delta <= the controls' {self.quantile:g} quantile"
+                ran, total = self.ran(c), self.control_deltas.shape[1]
+                if ran < total:
+                    why += f" (decided after {ran} of {total} controls; control_q is a lower bound)"
             else:
                 why = "dropped: not among the keep_top best"
             rows.append({"feature": int(j), "delta": round(delta, 6), "best_alpha": float(self.best_alpha[c]),
-                         "control_q": None if np.isnan(q) else round(q, 6), "kept": c in kept, "why": why})
+                         "control_q": None if np.isnan(q) else round(q, 6), "controls_run": self.ran(c),
+                         "kept": c in kept, "why": why})
         return rows
+
+    def ran(self, c: int) -> int:
+        """Controls evaluated for candidate `c`."""
+        if self.controls_run is not None:
+            return int(self.controls_run[c])
+        return int((~np.isnan(self.control_deltas[c])).sum())
 
 
 def best_over_alphas(deltas: np.ndarray, alphas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -464,12 +478,25 @@ def control_quantiles(control_deltas: np.ndarray, quantile: float) -> np.ndarray
     return out
 
 
+def stop_after(n: int, quantile: float) -> int:
+    """How many of `n` controls at or above a delta decide that the delta is not above their
+    `quantile` (linear interpolation): `n - floor(quantile (n - 1))`, since then the sorted value
+    the quantile starts from is one of them. Where `quantile (n - 1)` is an integer one more is
+    asked, so that float rounding can never stop a candidate too early."""
+    return n - max(0, int(np.floor(quantile * (n - 1) - 1e-9)))
+
+
 def interventional_filter(evaluate: Evaluate, features: np.ndarray, alphas: Sequence[float], sign: float,
-                          controls: int, quantile: float, keep: str, keep_top: int) -> Filtering:
+                          controls: int, quantile: float, keep: str, keep_top: int,
+                          control_stop: bool = False) -> Filtering:
     """IGDS step 4 with controls. Round 1: the unsteered metric (a pair with alpha = 1, a push of
     exactly 0) and every (latent, alpha); `delta = sign * (steered - base)` (sign -1 for a loss),
     best over the alphas. Round 2: `controls` random directions at every alpha for the candidates
-    that can be kept (delta > 0 under keep=positive, the keep_top best under keep=top)."""
+    that can be kept (delta > 0 under keep=positive, the keep_top best under keep=top).
+    `control_stop` (keep=positive only): round 2 runs one control at a time for the candidates
+    still undecided, and a candidate is out once `stop_after` of its controls reach its delta,
+    which already puts the quantile at or above it: the same latents are kept as with every
+    control run, for fewer pairs."""
     features = np.asarray(features, dtype=np.int64)
     alphas_a = np.asarray(alphas, dtype=np.float64)
     c, n_alpha = len(features), len(alphas_a)
@@ -482,6 +509,24 @@ def interventional_filter(evaluate: Evaluate, features: np.ndarray, alphas: Sequ
         need = np.flatnonzero(deltas > 0)
     control_deltas = np.full((c, max(controls, 0)), np.nan)
     pairs = len(vals)
+    if controls > 0 and len(need) and control_stop and keep == "positive":
+        m = stop_after(controls, quantile)
+        alive = need
+        stopped = np.zeros(c, dtype=bool)
+        for k in range(controls):
+            if not len(alive):
+                break
+            cv = evaluate(SteerPairs.grid(features[alive], alphas_a, [k]))
+            pairs += len(cv)
+            control_deltas[alive, k] = best_over_alphas(sign * (cv.reshape(len(alive), n_alpha) - base), alphas_a)[0]
+            reached = (control_deltas[alive, :k + 1] >= deltas[alive, None]).sum(axis=1)
+            stopped[alive[reached >= m]] = True
+            alive = alive[reached < m]
+        ran = (~np.isnan(control_deltas)).sum(axis=1)
+        control_q = control_quantiles(control_deltas, quantile)
+        for i in np.flatnonzero(stopped & (ran < controls)):
+            control_q[i] = np.sort(control_deltas[i, :ran[i]])[-m]  # a lower bound, >= delta
+        return Filtering(deltas, best_alpha, base, control_deltas, control_q, quantile, pairs, controls_run=ran)
     if controls > 0 and len(need):
         cv = evaluate(SteerPairs.grid(features[need], alphas_a, np.arange(controls)))
         pairs += len(cv)
