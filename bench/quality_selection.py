@@ -64,7 +64,7 @@ def run_select(args, loaded, pool, kinds, target, out: dict, save) -> None:
                     "shared_pass_s": round(report.get("pass", {}).get("seconds", 0.0), 1)})
         out["_shared_pass"] = {"methods": forward, "wall_s": round(total, 1)}
         save()
-    if "igds" in wanted and "igds" not in done:
+    if "igds" in wanted and not any(k.startswith("igds") and "error" not in out[k] for k in done):
         # the SAE is trained once and reused by the later attempts (same settings)
         igds = {**common, "train": {"d_sae": args.sae_latents, "k": 16, "seed": args.seed},
                 "save_sae": str(ROOT / "runs" / "bench_quality" / "igds_sae")}
@@ -73,6 +73,9 @@ def run_select(args, loaded, pool, kinds, target, out: dict, save) -> None:
         # and tries the settings its message names, one step at a time
         for label, extra in (("igds", {}), ("igds_no_reference", {"reference": "none"}),
                              ("igds_no_reference_keep_top", {"reference": "none", "keep": "top"})):
+            if label in out:  # stopped in an earlier run (recorded): the next settings
+                print(f"[select] {label}: stopped before: {out[label]['error']}", flush=True)
+                continue
             print(f"[select] {label}", flush=True)
             t0 = time.perf_counter()
             try:
@@ -200,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     results.save()
     if args.phase in ("select", "all"):
         out = results.phase("select", merge=True)
+        if "_stopped" in out:  # a run stopped by hand, which this one resumes: its note is kept
+            out["_stopped_before"] = out.pop("_stopped")
         run_select(args, load_model("smollm2-135m-instruct"), pool, kinds, target, out, results.save)
         results.save(finished="select")
     if args.phase in ("train", "all"):
