@@ -66,13 +66,12 @@ def test_label_independent_prompts_stay_near_the_base_rate():
     labels[rng.permutation(200)[:40]] = True
     assert {prompts[i] for i in np.flatnonzero(labels)} == set(texts)  # every text occurs in both classes
     bow = prompt_only_baseline(prompts, ["x"] * 200, labels, seed=0)["bag_of_words"]
-    # tolerance from the sample size: AP of a ranking that knows nothing (random scores) over
-    # 200 examples with 40 positives has mean ~0.22 and sd ~0.033; the baseline must sit inside
-    # its central 99% and within 3 sd (0.1) of the base rate
-    null = np.array([average_precision(rng.random(200), labels) for _ in range(2000)])
-    lo, hi = np.quantile(null, [0.005, 0.995])
-    assert 0.025 < null.std() < 0.045
-    assert lo <= bow["auc_pr"] <= hi
+    # every text carries both labels: the folds are grouped by text, and the 20 copies of a text
+    # get one score (each text is unseen by the model that scores it), so the ranking is of 10 tie
+    # groups and can only be read for its distance from the base rate: the test's margin, 0.1
+    assert bow["groups"] == "by prompt text (10 texts carry both labels)"
+    scores = out_of_fold_scores(prompts, labels, 5, 0)
+    assert all(len(np.unique(scores[j * 20:(j + 1) * 20])) == 1 for j in range(10))
     assert abs(bow["above_base_rate"]) < 0.1
     assert bow["base_rate"] == 0.2
 
@@ -127,7 +126,8 @@ def test_too_few_positives_reduce_folds_then_skip():
     one = np.zeros(30, dtype=bool)
     one[5] = True
     out = prompt_only_baseline(prompts, [f"r{'x' * i}" for i in range(30)], one)
-    assert "auc_pr" not in out["bag_of_words"] and "1 positive and 29 negative" in out["bag_of_words"]["skipped"]
+    # example 5's prompt is also 5 negatives' prompt: the folds would be grouped, and 1 prompt has a positive
+    assert "auc_pr" not in out["bag_of_words"] and "1 distinct prompts with a positive" in out["bag_of_words"]["skipped"]
     assert out["bag_of_words"]["folds_requested"] == 5  # the settings are still recorded
     # response_length needs no fitting: example 5 is the 25th longest of 30 -> AP = 1/25
     assert out["response_length"]["auc_pr"] == pytest.approx(1 / 25)
@@ -180,3 +180,28 @@ def test_importing_the_module_does_not_import_sklearn():
     code = ("import sys, mechsieve.evaluate.prompt_baseline; "
             "sys.exit(1 if any(m == 'sklearn' or m.startswith('sklearn.') for m in sys.modules) else 0)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_repeated_prompts_are_held_out_together():
+    # 30 questions, each twice: once planted, once clean. Every copy of a question is held out with
+    # the other, so both get one score, and the prompt cannot tell them apart: AP of 30 tied pairs
+    # (one positive in each) in any order is 0.5, the base rate. Ungrouped folds score the copies
+    # with different models, whose training set lacks one of the pair's labels.
+    questions = [f"question {i} about topic{i % 7} with word{i}" for i in range(30)]
+    prompts = [q for q in questions for _ in range(2)]
+    labels = np.array([True, False] * 30)
+    scores = out_of_fold_scores(prompts, labels, 5, 0)
+    np.testing.assert_array_equal(scores[0::2], scores[1::2])
+    bow = prompt_only_baseline(prompts, ["x"] * 60, labels)["bag_of_words"]
+    assert bow["groups"] == "by prompt text (30 texts carry both labels)" and bow["folds"] == 5
+    assert bow["auc_pr"] == pytest.approx(0.5) and bow["above_base_rate"] == pytest.approx(0.0)
+    # unique prompts: plain stratified folds, recorded as such
+    once = prompt_only_baseline(questions, ["x"] * 30, labels[:30])["bag_of_words"]
+    assert once["groups"] == "none (no prompt text carries both labels)"
+    # too few distinct prompts on one side: folds reduced, then skipped
+    few = prompt_only_baseline(prompts[:6] + questions[3:], ["x"] * 33,
+                               np.r_[labels[:6], np.zeros(27, dtype=bool)])["bag_of_words"]
+    assert few["folds"] == 3 and "3 distinct prompts with a positive" in few["note"]
+    two = prompt_only_baseline(["a", "a"] + questions[2:], ["x"] * 30,
+                               np.r_[[True, False], np.zeros(28, dtype=bool)])["bag_of_words"]
+    assert "1 distinct prompts with a positive" in two["skipped"]

@@ -15,10 +15,14 @@ metrics of `evaluate.attribution.attribution_metrics` plus `above_base_rate = au
 response's length, and a method's AUC-PR has to be read against it. Pure functions of texts and
 labels; `prompt_only_baseline_for_pool` renders a pool's `Example`s to those texts.
 
-One caveat of any out-of-fold score: when the same prompt text occurs several times with a fixed
-number of positives among its copies (each question once planted, once clean), holding a positive
-copy out leaves fewer positive copies to train on, so the score anti-correlates with the label and
-AUC-PR reads *below* the base rate. A negative `above_base_rate` is that artefact, not a signal.
+Repeated prompts: when the same prompt text occurs several times with a fixed number of positives
+among its copies (each question once planted, once clean), plain out-of-fold scores would hold a
+positive copy out and leave fewer positive copies to train on, so the score would anti-correlate
+with the label and AUC-PR read *below* the base rate. So when a prompt text occurs with both
+labels, the folds are grouped by prompt text (scikit-learn's `StratifiedGroupKFold`): all copies
+of a prompt are held out together and get one score, which the prompt alone cannot push either
+way (`groups` in the result says how many texts carry both labels). A text repeated under one
+label only keeps plain folds: there the prompt does predict the label.
 """
 
 from __future__ import annotations
@@ -96,23 +100,42 @@ def _has_tokens(texts: Sequence[str], settings: BagOfWordsSettings) -> bool:
     return any(analyzer(t) for t in texts)
 
 
+def mixed_texts(texts: Sequence[str], labels: np.ndarray) -> int:
+    """How many distinct texts occur with both labels."""
+    y = np.asarray(labels).astype(bool)
+    x = np.asarray(list(texts), dtype=object).astype(str)
+    return len(set(x[y].tolist()) & set(x[~y].tolist()))
+
+
+def class_groups(texts: Sequence[str], labels: np.ndarray) -> tuple[int, int]:
+    """Distinct texts with a positive copy, and distinct texts with a negative copy."""
+    y = np.asarray(labels).astype(bool)
+    x = np.asarray(list(texts), dtype=object).astype(str)
+    return len(set(x[y].tolist())), len(set(x[~y].tolist()))
+
+
 def out_of_fold_scores(texts: Sequence[str], labels: np.ndarray, folds: int, seed: int = 0,
                        settings: BagOfWordsSettings | None = None) -> np.ndarray:
     """Bag-of-words logits of `texts` ([n] float64), each from the model fitted on the other folds.
 
-    `folds` stratified folds, shuffled with `seed`; the caller makes sure each class has at least
-    `folds` members. A training fold whose prompts hold no token at all (all empty) cannot fit
-    a vectorizer: its held-out examples get the training fold's positive share as their score.
+    `folds` stratified folds, shuffled with `seed`; when a text occurs with both labels, grouped
+    by text (every copy held out together); the caller makes sure each class has at least `folds` members (distinct
+    texts, when grouped). A training fold whose prompts hold no token at all (all empty), or hold one
+    class only, cannot fit: its held-out examples get the training fold's positive share as their score.
     """
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     settings = settings or BagOfWordsSettings()
     y = np.asarray(labels).astype(bool)
     x = np.asarray(list(texts), dtype=object)
     scores = np.empty(len(y), dtype=np.float64)
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for train, test in splitter.split(np.zeros(len(y)), y):
-        if not _has_tokens(x[train].tolist(), settings):
+    if mixed_texts(texts, y):
+        _, groups = np.unique(x.astype(str), return_inverse=True)
+        splits = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups)
+    else:
+        splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
+    for train, test in splits:
+        if not _has_tokens(x[train].tolist(), settings) or len(set(y[train].tolist())) < 2:
             scores[test] = float(y[train].mean())
             continue
         model = _pipeline(settings, seed).fit(x[train].tolist(), y[train])
@@ -134,20 +157,34 @@ def _bag_of_words(prompts: Sequence[str], labels: np.ndarray, folds: int, seed: 
                                "min_df": settings.min_df, "sublinear_tf": settings.sublinear_tf},
                 "classifier": {"kind": "logistic_regression", "C": settings.c,
                                "class_weight": settings.class_weight, "max_iter": settings.max_iter}}
-    usable = min(folds, n_pos, n_neg)
+    if not _has_tokens(prompts, settings):
+        return {"skipped": f"none of the {len(prompts)} prompts holds a token (token_pattern "
+                           f"{settings.token_pattern!r}): the prompts are empty", **recorded}
+    repeats = mixed_texts(prompts, labels)
+    recorded["groups"] = (f"by prompt text ({repeats} texts carry both labels)" if repeats
+                          else "none (no prompt text carries both labels)")
+    if repeats:
+        g_pos, g_neg = class_groups(prompts, labels)
+        usable = min(folds, g_pos, g_neg)
+        if usable < 2:
+            return {"skipped": f"{g_pos} distinct prompts with a positive and {g_neg} with a negative: folds grouped "
+                               "by prompt text need at least 2 of each, so no bag-of-words baseline is reported",
+                    **recorded}
+    else:
+        usable = min(folds, n_pos, n_neg)
     if usable < 2:
         return {"skipped": f"{n_pos} positive and {n_neg} negative examples: scoring out of fold needs at least "
                            "2 of each (one to train on while the other is held out), so no bag-of-words "
                            "baseline is reported", **recorded}
-    if not _has_tokens(prompts, settings):
-        return {"skipped": f"none of the {len(prompts)} prompts holds a token (token_pattern "
-                           f"{settings.token_pattern!r}): the prompts are empty", **recorded}
     scores = out_of_fold_scores(prompts, labels, usable, seed, settings)
     out = _with_margin(attribution_metrics(scores, labels, ks=ks, method="prompt-only bag of words"))
     out.update(recorded, folds=usable)
     if usable < folds:
+        have = (f"{class_groups(prompts, labels)[0]} distinct prompts with a positive and "
+                f"{class_groups(prompts, labels)[1]} with a negative" if repeats else
+                f"{n_pos} positive and {n_neg} negative examples")
         out["note"] = (f"folds reduced from {folds} to {usable}: stratified folds need at least one example of "
-                       f"each class per fold, and there are {n_pos} positive and {n_neg} negative examples")
+                       f"each class per fold, and there are {have}")
     return out
 
 
