@@ -583,26 +583,48 @@ class SlowLoss(LossScorer):
 
 
 def test_ray_run_stopped_by_ctrl_c_hands_every_cpu_back(ray_session, model_dir, tmp_path):
+    """Ctrl-C while actors are inside their shards stops the run and frees every CPU. A Ctrl-C that
+    lands while the main thread runs a finalizer (`__del__`, e.g. of an earlier run's Ray Data
+    iterator collected just then) is swallowed by Python ("Exception ignored in ..."), whatever the
+    engine does; a user presses again, and so does this test: once more each 45 s the run has not
+    stopped, at most 3 presses, with a warning when it took more than one."""
     import _thread
     import threading
 
     config = ModelConfig(name=str(model_dir), device="cpu")
     started = tmp_path / "started.txt"
     scorer = SlowLoss({"started": str(started), "seconds": 120.0})
+    done = threading.Event()
+    presses = []
 
     def press_ctrl_c() -> None:  # once an actor is inside a shard, the driver waits for its output
         deadline = time.monotonic() + 120
         while not started.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(0.5)
-        _thread.interrupt_main()
+        while len(presses) < 3 and not done.is_set():
+            presses.append(time.monotonic())
+            _thread.interrupt_main()
+            done.wait(45)
+
+    def run() -> None:
+        try:
+            score_pool(scorer, mixed_pool(4), model=config, engine=EngineConfig(executor="ray", shard_size=2, actors=2),
+                       folder=tmp_path / "shards", progress=False)
+        finally:
+            done.set()
 
     threading.Thread(target=press_ctrl_c, daemon=True).start()
     start = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        score_pool(scorer, mixed_pool(4), model=config, engine=EngineConfig(executor="ray", shard_size=2, actors=2),
-                   folder=tmp_path / "shards", progress=False)
-    assert time.monotonic() - start < 100, "Ctrl-C did not stop the run"
+        run()
+    assert presses, "the run ended before Ctrl-C was pressed"
+    assert time.monotonic() - presses[-1] < 40, "Ctrl-C did not stop the run"
+    assert time.monotonic() - start < 100 + 45 * (len(presses) - 1)
+    if len(presses) > 1:
+        import warnings
+
+        warnings.warn(f"the Ray run stopped at Ctrl-C number {len(presses)}: the first was swallowed", stacklevel=1)
     assert cpus_free(ray_session) == 2.0, "the interrupted run's actors still hold CPUs"
 
 
