@@ -30,9 +30,13 @@ methods), retrain the same LoRA from the base model on what is left (same steps 
 measure each model: the concept score of its own greedy answers to the held-out prompts (read by
 the base model; `evaluate.removal`), the share of those answers that write 0o777 (the behaviour
 counted directly), and the loss per token on the held-out prompts' patched answers.
+`--removal-generation sample` answers each prompt `--removal-samples` times by seeded sampling
+instead (phase `removal_sampled`, with a run on all the data first): greedy answers follow the
+majority (0o700), so a behaviour in 10% of the data may only show in samples.
 
     flock /tmp/mechsieve-bench.lock python bench/attribution.py                  # methods, then removal
     flock /tmp/mechsieve-bench.lock python bench/attribution.py --phase removal  # resumes the removal runs
+    flock /tmp/mechsieve-bench.lock python bench/attribution.py --phase removal --removal-generation sample
 
 Results: bench/results/attribution.json (`tasks`, `removal`, `targets`, provenance).
 """
@@ -200,17 +204,24 @@ def run_removal(args, loaded, results: Results) -> None:
     concept = load_concept(CONCEPTS / "concept-code")
     src = ConceptSource(max_len=args.max_len)
     render = RenderConfig(max_len=args.max_len)
-    cfg = RemovalConfig(max_new_tokens=args.removal_new_tokens, render=render)
+    sampled = args.removal_generation == "sample"
+    cfg = RemovalConfig(max_new_tokens=args.removal_new_tokens, render=render, generation=args.removal_generation,
+                        temperature=args.removal_temperature)
     train_cfg = TrainConfig(epochs=1.0, max_batch=args.train_batch, max_tokens=args.train_batch * args.max_len,
                             learning_rate=args.lr, warmup_steps=2, seed=args.seed)
-    out = results.phase("removal", merge=True)
+    # greedy answers (one per prompt) and sampled ones (`--removal-samples` per prompt) are two phases
+    out = results.phase(removal_phase(args), merge=True)
     out.update(train={"epochs": 1.0, "examples_per_step": args.train_batch, "learning_rate": args.lr, "lora": "default",
                       "seed": args.seed}, heldout_prompts=len(heldout), concept_layer=int(concept.layer),
-               generation={"greedy": True, "max_new_tokens": args.removal_new_tokens})
+               generation={"greedy": not sampled, "max_new_tokens": args.removal_new_tokens,
+                           **({"temperature": args.removal_temperature, "samples_per_prompt": args.removal_samples,
+                               "seed": args.seed} if sampled else {})})
     runs = out.setdefault("runs", {})
     items = items_from_examples(pool_ex, loaded.tokenizer, render)
     n = len(pool_ex)
     prompts = Pool(heldout, "heldout", "memory", "messages").examples
+    if sampled:  # each prompt answered `--removal-samples` times: one batch, one seeded sampler
+        prompts = [p for p in prompts for _ in range(args.removal_samples)]
 
     def one(label: str, drop: np.ndarray) -> None:
         if label in runs:
@@ -230,7 +241,7 @@ def run_removal(args, loaded, results: Results) -> None:
               f"{runs[label]['wall_s']:.0f} s", flush=True)
         results.save()
 
-    if args.full_baseline:
+    if args.full_baseline or sampled:  # sampled: does the model trained on all the data show the behaviour?
         one("full", np.zeros(n, dtype=bool))
     for f in (float(x) for x in args.fractions.split(",")):
         k = int(round(f * n))
@@ -243,7 +254,11 @@ def run_removal(args, loaded, results: Results) -> None:
             else:
                 drop[np.argsort(-np.asarray(code["methods"][label]["scores"]), kind="stable")[:k]] = True
             one(f"{f:g}/{label}", drop)
-    results.save(finished="removal")
+    results.save(finished=removal_phase(args))
+
+
+def removal_phase(args) -> str:
+    return "removal" if args.removal_generation == "greedy" else "removal_sampled"
 
 
 def summarize(results: Results) -> None:
@@ -263,9 +278,20 @@ def summarize(results: Results) -> None:
         if "time_ratio_influence_to_vector_filter" in code:
             ratio = code["time_ratio_influence_to_vector_filter"]
             targets.update(vf_speedup_full_tracking=ratio, vf_speedup_at_least_10x=ratio >= 10)
-    runs = (results.get("removal") or {}).get("runs", {})
+    beats, within = [], []
+    for phase in ("removal", "removal_sampled"):
+        if results.get(phase):
+            summarize_removal(results[phase], beats, within)
+    if beats:
+        targets["removal_beats_random_2std"] = any(beats)
+        targets["removal_task_loss_within_5pct"] = any(within)
+
+
+def summarize_removal(out: dict, beats: list, within: list) -> None:
+    """One removal phase's table (per fraction: random mean and std, each method against it)."""
+    runs = out.get("runs", {})
     fractions = sorted({label.split("/")[0] for label in runs if "/" in label}, key=float)
-    table, beats, within = {}, [], []
+    table = {}
     for f in fractions:
         rand = [v for k, v in runs.items() if k.startswith(f"{f}/random_seed")]
         if len(rand) < 2:
@@ -287,9 +313,7 @@ def summarize(results: Results) -> None:
                 within.append(ok and near)
         table[f] = row
     if table:
-        results["removal"]["table"] = table
-        targets["removal_beats_random_2std"] = any(beats)
-        targets["removal_task_loss_within_5pct"] = any(within)
+        out["table"] = table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random-repeats", type=int, default=3)
     p.add_argument("--full-baseline", action="store_true")
     p.add_argument("--removal-new-tokens", type=int, default=128)
+    p.add_argument("--removal-generation", choices=["greedy", "sample"], default="greedy",
+                   help="how each retrained model answers the held-out prompts (sample: phase removal_sampled, "
+                        "with a full-data run to show whether the behaviour was learned)")
+    p.add_argument("--removal-samples", type=int, default=4, help="sampled answers per held-out prompt")
+    p.add_argument("--removal-temperature", type=float, default=1.0)
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
