@@ -198,20 +198,21 @@ def test_control_stop_keeps_what_every_control_keeps_for_fewer_pairs():
     assert kept_fast.tolist() == kept_full.tolist()
     assert set(feats[kept_fast].tolist()) >= {100, 101, 102, 103, 104} and len(kept_fast) < 20
     np.testing.assert_allclose(fast.control_q[kept_fast], full.control_q[kept_fast])
-    assert (fast.controls_run[kept_fast] == 8).all()
+    runs = np.array([fast.ran(c) for c in range(len(feats))])
+    assert (runs[kept_fast] == 8).all()
     positive = full.deltas > 0
-    stopped = positive & (fast.controls_run < 8)
+    stopped = positive & (runs < 8)
     assert stopped.sum() > 10 and fast.pairs < full.pairs
-    assert fast.pairs == 1 + 40 * 3 + 3 * int(fast.controls_run.sum())
+    assert fast.pairs == 1 + 40 * 3 + 3 * int(runs.sum())
     # an early-stopped candidate's control_q: the 2nd largest of its controls run, at or above its delta
     for c in np.flatnonzero(stopped):
-        ran = fast.control_deltas[c, :fast.controls_run[c]]
+        ran = fast.control_deltas[c, :runs[c]]
         assert fast.control_q[c] == np.sort(ran)[-2] and fast.control_q[c] >= fast.deltas[c]
-        assert np.isnan(fast.control_deltas[c, fast.controls_run[c]:]).all()
+        assert np.isnan(fast.control_deltas[c, runs[c]:]).all()
     rows = fast.table(feats, kept_fast, False)
     c = int(np.flatnonzero(stopped)[0])
     assert rows[c]["why"].startswith("dropped: delta <= the controls' 0.95 quantile (decided after")
-    assert rows[c]["controls_run"] == int(fast.controls_run[c])
+    assert rows[c]["controls_run"] == int(runs[c])
     # keep=top ignores control_stop: all controls of the keep_top best
     top = interventional_filter(evaluate, feats, alphas, -1.0, 8, 0.95, "top", 4, control_stop=True)
     assert top.pairs == 1 + 40 * 3 + 4 * 8 * 3

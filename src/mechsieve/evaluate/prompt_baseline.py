@@ -100,18 +100,13 @@ def _has_tokens(texts: Sequence[str], settings: BagOfWordsSettings) -> bool:
     return any(analyzer(t) for t in texts)
 
 
-def mixed_texts(texts: Sequence[str], labels: np.ndarray) -> int:
-    """How many distinct texts occur with both labels."""
+def text_groups(texts: Sequence[str], labels: np.ndarray) -> tuple[int, int, int]:
+    """Distinct texts that occur with both labels, distinct texts with a positive copy, and
+    distinct texts with a negative copy."""
     y = np.asarray(labels).astype(bool)
     x = np.asarray(list(texts), dtype=object).astype(str)
-    return len(set(x[y].tolist()) & set(x[~y].tolist()))
-
-
-def class_groups(texts: Sequence[str], labels: np.ndarray) -> tuple[int, int]:
-    """Distinct texts with a positive copy, and distinct texts with a negative copy."""
-    y = np.asarray(labels).astype(bool)
-    x = np.asarray(list(texts), dtype=object).astype(str)
-    return len(set(x[y].tolist())), len(set(x[~y].tolist()))
+    pos, neg = set(x[y].tolist()), set(x[~y].tolist())
+    return len(pos & neg), len(pos), len(neg)
 
 
 def out_of_fold_scores(texts: Sequence[str], labels: np.ndarray, folds: int, seed: int = 0,
@@ -129,7 +124,7 @@ def out_of_fold_scores(texts: Sequence[str], labels: np.ndarray, folds: int, see
     y = np.asarray(labels).astype(bool)
     x = np.asarray(list(texts), dtype=object)
     scores = np.empty(len(y), dtype=np.float64)
-    if mixed_texts(texts, y):
+    if text_groups(texts, y)[0]:
         _, groups = np.unique(x.astype(str), return_inverse=True)
         splits = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, groups)
     else:
@@ -160,11 +155,10 @@ def _bag_of_words(prompts: Sequence[str], labels: np.ndarray, folds: int, seed: 
     if not _has_tokens(prompts, settings):
         return {"skipped": f"none of the {len(prompts)} prompts holds a token (token_pattern "
                            f"{settings.token_pattern!r}): the prompts are empty", **recorded}
-    repeats = mixed_texts(prompts, labels)
+    repeats, g_pos, g_neg = text_groups(prompts, labels)
     recorded["groups"] = (f"by prompt text ({repeats} texts carry both labels)" if repeats
                           else "none (no prompt text carries both labels)")
     if repeats:
-        g_pos, g_neg = class_groups(prompts, labels)
         usable = min(folds, g_pos, g_neg)
         if usable < 2:
             return {"skipped": f"{g_pos} distinct prompts with a positive and {g_neg} with a negative: folds grouped "
@@ -180,8 +174,7 @@ def _bag_of_words(prompts: Sequence[str], labels: np.ndarray, folds: int, seed: 
     out = _with_margin(attribution_metrics(scores, labels, ks=ks, method="prompt-only bag of words"))
     out.update(recorded, folds=usable)
     if usable < folds:
-        have = (f"{class_groups(prompts, labels)[0]} distinct prompts with a positive and "
-                f"{class_groups(prompts, labels)[1]} with a negative" if repeats else
+        have = (f"{g_pos} distinct prompts with a positive and {g_neg} with a negative" if repeats else
                 f"{n_pos} positive and {n_neg} negative examples")
         out["note"] = (f"folds reduced from {folds} to {usable}: stratified folds need at least one example of "
                        f"each class per fold, and there are {have}")

@@ -417,9 +417,9 @@ class Filtering:
     (`deltas` [c]) and that alpha, the unsteered dev metric, its controls' deltas (best over the
     alphas likewise; [c, controls], nan where none ran) and their `quantile` (`control_q` [c]),
     and the work: steering pairs evaluated and model forwards (early-stopped ones included).
-    `controls_run` [c]: controls evaluated per candidate; where fewer than all ran (`control_stop`),
-    `control_q` is the `stop_after`-th largest of them, a lower bound of the quantile that is
-    already at or above the candidate's delta."""
+    Where fewer than all of a candidate's controls ran (`control_stop`), `control_q` is the
+    `stop_after`-th largest of them, a lower bound of the quantile that is already at or above the
+    candidate's delta."""
 
     deltas: np.ndarray
     best_alpha: np.ndarray
@@ -429,7 +429,6 @@ class Filtering:
     quantile: float
     pairs: int
     forwards: int = 0
-    controls_run: np.ndarray | None = None
 
     def table(self, features: np.ndarray, kept_idx: np.ndarray, fallback: bool) -> list[dict[str, Any]]:
         """Per candidate: delta, best alpha, the controls' quantile, kept or dropped and why."""
@@ -457,8 +456,6 @@ class Filtering:
 
     def ran(self, c: int) -> int:
         """Controls evaluated for candidate `c`."""
-        if self.controls_run is not None:
-            return int(self.controls_run[c])
         return int((~np.isnan(self.control_deltas[c])).sum())
 
 
@@ -512,7 +509,6 @@ def interventional_filter(evaluate: Evaluate, features: np.ndarray, alphas: Sequ
     if controls > 0 and len(need) and control_stop and keep == "positive":
         m = stop_after(controls, quantile)
         alive = need
-        stopped = np.zeros(c, dtype=bool)
         for k in range(controls):
             if not len(alive):
                 break
@@ -520,13 +516,12 @@ def interventional_filter(evaluate: Evaluate, features: np.ndarray, alphas: Sequ
             pairs += len(cv)
             control_deltas[alive, k] = best_over_alphas(sign * (cv.reshape(len(alive), n_alpha) - base), alphas_a)[0]
             reached = (control_deltas[alive, :k + 1] >= deltas[alive, None]).sum(axis=1)
-            stopped[alive[reached >= m]] = True
             alive = alive[reached < m]
         ran = (~np.isnan(control_deltas)).sum(axis=1)
         control_q = control_quantiles(control_deltas, quantile)
-        for i in np.flatnonzero(stopped & (ran < controls)):
+        for i in need[ran[need] < controls]:  # stopped early: only a stop leaves a needed candidate short
             control_q[i] = np.sort(control_deltas[i, :ran[i]])[-m]  # a lower bound, >= delta
-        return Filtering(deltas, best_alpha, base, control_deltas, control_q, quantile, pairs, controls_run=ran)
+        return Filtering(deltas, best_alpha, base, control_deltas, control_q, quantile, pairs)
     if controls > 0 and len(need):
         cv = evaluate(SteerPairs.grid(features[need], alphas_a, np.arange(controls)))
         pairs += len(cv)
